@@ -1,0 +1,243 @@
+"""`python -m sdaccel`: generate images and run benchmarks from a terminal.
+
+Request flags are generated from the GenerationRequest field descriptions (the same ones the
+ComfyUI and gradio front-ends read); bad input exits non-zero with the engine's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import SDAccelError
+from .fields import describe
+
+log = logging.getLogger(__name__)
+
+# CLI spellings the issue tracker and A1111 users expect for some request fields.
+_FLAG_ALIASES = {"negative_prompt": ["--negative"], "batch_size": ["--batch"]}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip=(), prefix: str = "") -> None:
+    """One flag per described field of `cls` (type, choices, help from its FieldInfo)."""
+    for info in describe(cls):
+        if not info.ui or info.name in skip:
+            continue
+        flag = "--" + prefix + info.name.replace("_", "-")
+        names = [flag] + (_FLAG_ALIASES.get(info.name, []) if not prefix else [])
+        kwargs: dict = {"dest": prefix.replace("-", "_") + info.name, "default": None, "help": info.tooltip}
+        if info.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = info.kind if info.kind in (int, float, str) else str
+            if info.choices:
+                kwargs["choices"] = info.choices
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace, *, prefix: str = "", **extra):
+    values = {}
+    for info in describe(cls):
+        value = getattr(args, prefix.replace("-", "_") + info.name, None)
+        if value is not None:
+            values[info.name] = value
+    values.update(extra)
+    return cls(**values)
+
+
+def _parse_opt(text: str):
+    """`kind` or `kind:field=value,field=value` -> an optimization config."""
+    from .registry import config_class
+
+    kind, _, body = text.partition(":")
+    cls = config_class(kind.strip().replace("-", "_"))
+    fields = {f.name: f for f in describe(cls)}
+    values = {}
+    for item in filter(None, (p.strip() for p in body.split(","))):
+        key, _, raw = item.partition("=")
+        info = fields.get(key.strip())
+        if info is None:
+            raise SDAccelError(f"--opt {text}: {kind} has no field {key!r} (fields: {', '.join(fields)})")
+        if info.kind is bool:
+            values[info.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            values[info.name] = info.kind(raw.strip()) if info.kind in (int, float) else raw.strip()
+    return cls(**values)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .families import FAMILIES
+    from .models import ModelRef
+    from .presets import preset_names
+    from .spec import GenerationRequest
+
+    parser = argparse.ArgumentParser(prog="python -m sdaccel", description="SDAccel: measured Stable Diffusion "
+                                     "acceleration. Generate images or benchmark optimization presets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a checkpoint and write PNGs")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint file, diffusers folder, or synthetic:<family>")
+    add_config_arguments(gen, ModelRef, skip=("path",))
+    gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    add_config_arguments(gen, GenerationRequest)
+    gen.add_argument("--init-image", default=None, help="img2img: source image file (PNG/JPEG/WebP)")
+    gen.add_argument("--opt", action="append", default=[], metavar="KIND[:FIELD=VALUE,...]",
+                     help="add an optimization, e.g. channels_last or precision:unet=fp16 (repeatable)")
+    gen.add_argument("--preset", action="append", default=[], help="add a bench preset's optimizations")
+    gen.add_argument("--out", required=True, help="folder for the PNG files")
+
+    bench = sub.add_parser("bench", help="benchmark presets side by side on this machine")
+    bench.add_argument("--family", default="sd15", choices=sorted(FAMILIES),
+                       help="family to build with random weights (or of --checkpoint)")
+    bench.add_argument("--size", type=int, default=512, help="image side in pixels")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--checkpoint", default=None, help="benchmark this checkpoint instead of random weights")
+    bench.add_argument("--preset", action="append", default=None,
+                       help=f"preset to run (repeatable; combine with +). Known: {', '.join(preset_names())}")
+    bench.add_argument("--list-presets", action="store_true", help="list presets and exit")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--cfg", type=float, default=None)
+    bench.add_argument("--scheduler", default="auto")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    bench.add_argument("--json", default=None, help="write the report as JSON here")
+    return parser
+
+
+def _png_parameters(spec, request, result, index: int) -> str:
+    """A1111-style 'parameters' text so other tools can read the settings back."""
+    stats = result.stats
+    text = request.prompt
+    if request.negative_prompt:
+        text += f"\nNegative prompt: {request.negative_prompt}"
+    text += (f"\nSteps: {stats.steps}, Sampler: {stats.scheduler}, CFG scale: {stats.cfg}, "
+             f"Seed: {(request.seed + index) % 2**64}, Size: {stats.width}x{stats.height}, "
+             f"Model: {Path(spec.model.path).stem}, Family: {stats.family}")
+    if request.is_img2img:
+        text += f", Denoising strength: {request.strength}"
+    return text
+
+
+def _save_png(image, path: Path, texts: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in texts.items():
+        info.add_itxt(key, value)
+    tmp = path.with_name(path.name + ".partial")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)  # never leave a half-written image
+
+
+def _unique_path(folder: Path, stem: str) -> Path:
+    path = folder / f"{stem}.png"
+    n = 1
+    while path.exists():
+        path = folder / f"{stem}-{n}.png"
+        n += 1
+    return path
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .models import ModelRef
+    from .presets import resolve_preset
+    from .sampler import run
+    from .spec import GenerationRequest, PipelineSpec
+
+    model = config_from_args(ModelRef, args, path=args.checkpoint)
+    spec = PipelineSpec(model=model, device=args.device)
+    extra = {"init_image": args.init_image} if args.init_image else {}
+    request = config_from_args(GenerationRequest, args, **extra)
+    for name in args.preset:
+        spec, request = resolve_preset(name).apply(spec, request)
+    for text in args.opt:
+        spec = spec.with_optimization(_parse_opt(text))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bars: list = []
+
+    def progress(step, total):
+        if not bars:  # created on the first step, after any loading messages
+            bars.append(tqdm(total=total, desc="denoise", unit="step", leave=False))
+        bars[0].n = step
+        bars[0].refresh()
+
+    try:
+        result = run(spec, request, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    meta = json.dumps({"spec": spec.to_dict(), "request": {k: v for k, v in request.to_dict().items()
+                                                          if k != "init_image"}, "stats": result.stats.to_dict()},
+                      default=str)
+    for i, image in enumerate(result.images):
+        path = _unique_path(out, f"sdaccel_{(request.seed + i) % 2**64}")
+        _save_png(image, path, {"parameters": _png_parameters(spec, request, result, i), "sdaccel": meta})
+        print(path)
+    print(result.stats.summary_line())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchSettings, format_table, run_bench, write_json
+    from .presets import PRESETS
+
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name:<26} {preset.description}")
+        return 0
+    settings = BenchSettings(family=args.family, size=args.size, steps=args.steps,
+                             presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
+                             checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
+                             seed=args.seed, cfg=args.cfg, scheduler=args.scheduler)
+    report = run_bench(settings)
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__.rsplit(".", 1)[0]).setLevel(level)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            from diffusers.utils import logging as dlog
+            from transformers.utils import logging as tlog
+
+            dlog.set_verbosity_error()
+            dlog.disable_progress_bar()
+            tlog.set_verbosity_error()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_bench(args)
+    except SDAccelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Precision: the dtype of each component, and the device the weights live on.
+
+fp16 halves weight memory and is the GPU baseline; bf16 keeps fp32's range (no fp16 overflow) where
+the hardware has it. On a CPU without native fp16/bf16 both are emulated and far slower (~40x for
+bf16 on an AVX2 CPU), so they are refused there unless `allow_emulated` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..capabilities import cpu_has_native
+from ..errors import UnavailableError
+from ..fields import option
+from ..registry import ApplyContext, OptimizationConfig, Stage, Unit, register
+
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NAMES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class PrecisionConfig(OptimizationConfig):
+    """Per-component dtypes. `auto`: fp16 on CUDA/MPS (SDXL's VAE stays fp32), fp32 on a CPU."""
+
+    kind: ClassVar[str] = "precision"
+    unet: str = option("auto", "UNet dtype. auto: fp16 on CUDA/MPS, fp32 on CPU. fp16/bf16 halve UNet memory and "
+                       "time on GPUs; small, measured changes in the image", choices=DTYPE_CHOICES)
+    text_encoder: str = option("auto", "Text encoder dtype(s). auto: fp16 on CUDA/MPS, fp32 on CPU",
+                               choices=DTYPE_CHOICES)
+    vae: str = option("auto", "VAE dtype. auto: fp32 for SDXL (its VAE overflows in fp16 unless you use the "
+                      "fp16-fix VAE) and on CPU, fp16 otherwise", choices=DTYPE_CHOICES)
+    allow_emulated: bool = option(False, "Allow fp16/bf16 on a CPU without native support: correct but 10-40x "
+                                  "slower. For tests and comparisons only")
+
+
+def resolve_dtypes(cfg: PrecisionConfig, ctx: ApplyContext) -> dict[str, torch.dtype]:
+    """The concrete dtype of each component group ('unet', 'text_encoder', 'vae') for this device."""
+    kind = torch.device(ctx.device).type
+    gpu = kind in ("cuda", "mps")
+    auto = {"unet": "fp16" if gpu else "fp32", "text_encoder": "fp16" if gpu else "fp32",
+            "vae": "fp32" if (not gpu or ctx.family.is_xl or kind == "mps") else "fp16"}
+    out = {}
+    for group in ("unet", "text_encoder", "vae"):
+        choice = getattr(cfg, group)
+        out[group] = TORCH_DTYPES[auto[group] if choice == "auto" else choice]
+    return out
+
+
+@register
+class Precision(Unit):
+    kind = "precision"
+    title = "Precision"
+    stage = Stage.PRECISION
+    config_cls = PrecisionConfig
+    lossless = False
+
+    def examples(self) -> list[PrecisionConfig]:
+        return [PrecisionConfig(unet="bf16", text_encoder="fp16", vae="bf16", allow_emulated=True),
+                PrecisionConfig(unet="fp16", text_encoder="fp32", vae="fp16", allow_emulated=True)]
+
+    def check(self, cfg: PrecisionConfig, ctx: ApplyContext) -> None:
+        kind = torch.device(ctx.device).type
+        for group in ("unet", "text_encoder", "vae"):
+            choice = getattr(cfg, group)
+            if choice in ("fp16", "bf16") and kind == "cpu" and not cfg.allow_emulated \
+                    and not cpu_has_native(_NAMES[choice]):
+                raise UnavailableError(f"precision.{group}={choice}",
+                                       f"this CPU has no native {choice} arithmetic (it would run ~10-40x slower "
+                                       "than fp32)", "use fp32 (auto) on this CPU, or set allow_emulated for a "
+                                       "test")
+            if choice == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+                raise UnavailableError(f"precision.{group}=bf16", "this GPU has no bf16 support", "use fp16")
+
+    def _apply(self, pipe, cfg: PrecisionConfig, ctx: ApplyContext, patch) -> None:
+        dtypes = resolve_dtypes(cfg, ctx)
+        device = None if ctx.offloaded else torch.device(ctx.device)
+        components = {"unet": ["unet"], "vae": ["vae"], "text_encoder": ["text_encoder", "text_encoder_2"]}
+        for group, names in components.items():
+            for name in names:
+                module = getattr(pipe, name, None)
+                if module is not None:
+                    patch.convert_tensors(module, dtype=dtypes[group], device=device)
+        patch.info["dtypes"] = {g: str(d).replace("torch.", "") for g, d in dtypes.items()}

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny checkpoints of every family written at test time, in the real key layouts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+ALL_FAMILIES = ["sd15", "taiyi", "sd2-base", "sd21-v", "sd-turbo", "sdxl-base", "sdxl-turbo", "sdxl-refiner"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_libraries():
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    logging.getLogger("sdaccel").setLevel(logging.INFO)
+
+
+class _Checkpoints:
+    """Writes each (family, layout, dtype, suffix) checkpoint once per session and hands out ModelRefs."""
+
+    def __init__(self, root):
+        self.root = root
+        self._refs = {}
+        self._pipes = {}
+
+    def pipeline(self, family: str):
+        from sdaccel.optim.synthetic import build_pipeline
+
+        if family not in self._pipes:
+            self._pipes[family] = build_pipeline(family, tiny=True, seed=0)
+        return self._pipes[family]
+
+    def get(self, family: str, layout: str = "single", dtype: str = "float32", suffix: str = ".safetensors"):
+        from sdaccel.optim.synthetic import write_checkpoint
+
+        key = (family, layout, dtype, suffix)
+        if key not in self._refs:
+            name = f"{family}-{dtype}" + (suffix if layout == "single" else "-diffusers")
+            self._refs[key] = write_checkpoint(family, self.root / name, tiny=True, layout=layout, dtype=dtype,
+                                               pipe=self.pipeline(family))
+        return self._refs[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    return _Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture
+def cache():
+    from sdaccel.optim.session import PipelineCache
+
+    c = PipelineCache(max_entries=2)
+    yield c
+    c.clear()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any attempt to open a network connection, and record it."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted during an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts

@@ -1,0 +1,140 @@
+"""Each bad input gets its own clear error naming the file and the fix, and runs no code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from sdaccel.optim.errors import CheckpointError
+from sdaccel.optim.loader import load_model
+from sdaccel.optim.models import ModelRef
+
+
+
+def _load(path, **kw):
+    return load_model(ModelRef(path=str(path), **kw))
+
+
+def _expect(path, problem: str, fix: str, **kw):
+    with pytest.raises(CheckpointError) as err:
+        _load(path, **kw)
+    message = str(err.value)
+    assert str(path) in message
+    assert problem.lower() in message.lower(), message
+    assert fix.lower() in message.lower(), message
+    return err.value
+
+
+def test_missing_path(tmp_path):
+    _expect(tmp_path / "nope.safetensors", "no such file", "check the path")
+
+
+def test_folder_without_model_index(tmp_path):
+    (tmp_path / "unet").mkdir()
+    _expect(tmp_path, "without model_index.json", "point at the folder that holds model_index.json")
+
+
+def test_truncated_safetensors(checkpoints, tmp_path):
+    src = checkpoints.get("sd15")
+    cut = tmp_path / "cut.safetensors"
+    data = open(src.path, "rb").read()
+    cut.write_bytes(data[: len(data) // 2])
+    _expect(cut, "is truncated", "download the file again", config_dir=src.config_dir)
+
+
+def test_text_file_renamed_safetensors(tmp_path):
+    fake = tmp_path / "model.safetensors"
+    fake.write_text("<html><body>404 Not Found</body></html>\n" * 20)
+    _expect(fake, "text file", "download the real checkpoint")
+
+
+def test_safetensors_that_is_not_a_diffusion_model(tmp_path):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style_lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, str(lora))
+    _expect(lora, "is a lora", "lora loader")
+    other = tmp_path / "classifier.safetensors"
+    save_file({"fc.weight": torch.zeros(10, 10), "fc.bias": torch.zeros(10)}, str(other))
+    _expect(other, "not a stable diffusion checkpoint", "pick a full")
+
+
+def test_unknown_architecture(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoints.get("sd15")
+    sd = load_file(src.path)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[key] = torch.zeros(sd[key].shape[0], 9, 3, 3)
+    inpaint = tmp_path / "inpainting.safetensors"
+    save_file(sd, str(inpaint))
+    _expect(inpaint, "unsupported architecture", "use a text-to-image checkpoint")
+    sd = load_file(src.path)
+    for k in [k for k in sd if "attn2.to_k.weight" in k or "attn2.to_v.weight" in k]:
+        sd[k] = torch.zeros(sd[k].shape[0], 77)
+    odd = tmp_path / "odd.safetensors"
+    save_file(sd, str(odd))
+    _expect(odd, "unknown architecture", "supported:")
+
+
+def test_ckpt_whose_pickle_carries_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
+                "callback": Payload()}, str(evil))
+    with zipfile.ZipFile(evil) as zf:  # the payload really is in the file
+        assert any(b"system" in zf.read(n) for n in zf.namelist() if n.endswith(".pkl"))
+    _expect(evil, "asks to run code", "safetensors")
+    assert not marker.exists()
+    legacy = tmp_path / "legacy.ckpt"
+    legacy.write_bytes(pickle.dumps(Payload(), protocol=2))
+    _expect(legacy, "asks to run code", "safetensors")
+    assert not marker.exists()
+
+
+def test_family_override_that_does_not_match_the_weights(checkpoints):
+    src = checkpoints.get("sd15")
+    err = _expect(src.path, "does not match family 'sdxl-base'", "remove the family override",
+                  family="sdxl-base", config_dir=src.config_dir)
+    assert "sd15" in str(err)
+
+
+def test_empty_and_garbage_files(tmp_path):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    _expect(empty, "is empty", "download the file again")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    _expect(garbage, "not a pytorch checkpoint", "download the file again")
+
+
+def test_truncated_ckpt(checkpoints, tmp_path):
+    src = checkpoints.get("sd15", suffix=".ckpt", dtype="float16")
+    cut = tmp_path / "cut.ckpt"
+    data = open(src.path, "rb").read()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    _expect(cut, "damaged", "download the file again", config_dir=src.config_dir)
+
+
+def test_failed_loads_leave_no_files_behind(checkpoints, tmp_path):
+    src = checkpoints.get("sd15")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    cut = folder / "cut.safetensors"
+    cut.write_bytes(open(src.path, "rb").read()[:5000])
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(CheckpointError):
+        _load(cut)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    shutil.rmtree(folder)
