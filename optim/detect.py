@@ -163,25 +163,20 @@ def _choose_family(path, group: str, family: str, prediction_type: str, v_stat, 
         fam = FAMILIES[allowed[0]]
     else:
         hints = hints or {}
-        if group == "sd2":
-            stat = hints.get("v_stat", None) if "v_stat" in hints else v_stat()
-            if hints.get("prediction_type") == "v_prediction" or (stat is not None and stat > _V_PRED_STD_THRESHOLD):
-                fam = FAMILIES["sd21-v"]
-                assumed.append("v-prediction (768-v) from the weights" if stat is not None else
-                               "v-prediction from the scheduler config")
-            elif hints.get("turbo") or "turbo" in name:
-                fam = FAMILIES["sd-turbo"]
-                assumed.append("SD-Turbo from " + ("the scheduler config" if hints.get("turbo") else "the file name"))
-            else:
-                fam = FAMILIES["sd2-base"]
-                assumed.append("SD 2.x base (epsilon, 512): the weights cannot tell base from SD-Turbo")
-        else:  # sdxl
-            if hints.get("turbo") or "turbo" in name:
-                fam = FAMILIES["sdxl-turbo"]
-                assumed.append("SDXL-Turbo from " + ("the scheduler config" if hints.get("turbo") else "the file name"))
-            else:
-                fam = FAMILIES["sdxl-base"]
-                assumed.append("SDXL base: the weights cannot tell SDXL from SDXL-Turbo")
+        turbo_source = "the scheduler config" if hints.get("turbo") else "the file name" if "turbo" in name else None
+        stat = (hints.get("v_stat") if "v_stat" in hints else v_stat()) if group == "sd2" else None
+        v_pred = hints.get("prediction_type") == "v_prediction" or (stat is not None and stat > _V_PRED_STD_THRESHOLD)
+        turbo, base = {"sd2": ("sd-turbo", "sd2-base"), "sdxl": ("sdxl-turbo", "sdxl-base")}[group]
+        if group == "sd2" and v_pred:
+            fam = FAMILIES["sd21-v"]
+            assumed.append("v-prediction (768-v) from " + ("the weights" if stat is not None else
+                                                           "the scheduler config"))
+        elif turbo_source:
+            fam = FAMILIES[turbo]
+            assumed.append(f"{FAMILIES[turbo].title} from {turbo_source}")
+        else:
+            fam = FAMILIES[base]
+            assumed.append(f"{FAMILIES[base].title}: the weights cannot tell it from {FAMILIES[turbo].title}")
     prediction = fam.prediction_type
     if prediction_type != "auto":
         if prediction_type != prediction:
