@@ -92,17 +92,17 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
         say(f"[run ] {name}: {preset.description}")
         start = time.perf_counter()
         try:
-            cache.prepare(spec)
+            cache.prepare(spec, strict=True)  # never fake a configuration this machine lacks
         except SDAccelError as exc:
             say(f"[skip] {name}: {exc}")
             rows.append({"preset": name, "skipped": str(exc)})
             continue
         prepare_s = time.perf_counter() - start
         for _ in range(settings.warmup):
-            run(spec, request, cache=cache)
+            run(spec, request, cache=cache, strict=True)
         results = []
         for i in range(settings.repeats):
-            result = run(spec, request, cache=cache)
+            result = run(spec, request, cache=cache, strict=True)
             results.append(result)
             say(f"       run {i + 1}/{settings.repeats}: {result.stats.total_s:.2f}s")
         rows.append(_row_for(name, results, prepare_s))

@@ -8,9 +8,10 @@ a message that says how to fix the combination.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from .errors import ConflictError, UnavailableError
 from .fields import Config
@@ -48,6 +49,43 @@ class ApplyContext:
     offloaded: bool = False  # an offload unit manages placement; weights stay on the CPU
 
 
+@dataclass
+class RunContext:
+    """What run-scoped effects see during one run; the sampler updates `step` and announces stages.
+
+    Units add to `notes` (shown in RunStats) and `counters` (e.g. skipped block calls), and may
+    register `stage_listeners(event, stage)` called with ("start" | "end", "text_encode" | ...).
+    """
+
+    pipe: object
+    family: object
+    device: object
+    steps: int
+    batch: int
+    cfg_steps: int  # steps run with classifier-free guidance (the rest run the conditional pass only)
+    step: int = 0
+    notes: list = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
+    stage_listeners: list = field(default_factory=list)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    @contextmanager
+    def stage(self, name: str):
+        for listener in self.stage_listeners:
+            listener("start", name)
+        try:
+            yield
+        finally:
+            for listener in reversed(self.stage_listeners):
+                listener("end", name)
+
+
 class Unit:
     """One optimization. Subclasses set the class attributes and implement `_apply`."""
 
@@ -66,9 +104,20 @@ class Unit:
     def check(self, cfg: OptimizationConfig, ctx: ApplyContext) -> None:
         """Raise UnavailableError/ConfigError if `cfg` cannot run here; called before anything changes."""
 
+    def fallback(self, cfg: OptimizationConfig, ctx: ApplyContext) -> OptimizationConfig | None:
+        """What to run instead when `cfg` is unavailable here (None: leave this optimization out)."""
+        return None
+
     def conflict_with(self, cfg: OptimizationConfig, other: OptimizationConfig) -> str | None:
         """Why `cfg` cannot combine with `other`, or None. Defaults to the static `conflicts` table."""
         return self.conflicts.get(other.kind)
+
+    def run_scope(self, cfg: OptimizationConfig, handle: PatchSet, run: RunContext):
+        """A context manager wrapping each run (torch flags, per-run caches), or None.
+
+        Effects installed here are removed when the run ends, even if it fails or is interrupted.
+        """
+        return None
 
     def apply(self, pipe, cfg: OptimizationConfig, ctx: ApplyContext) -> PatchSet:
         """Apply to `pipe`; the returned handle's `remove()` restores the exact prior state."""
@@ -152,11 +201,52 @@ def check_available(configs, ctx: ApplyContext) -> None:
         units[cfg.kind].check(cfg, ctx)
 
 
-def apply_all(pipe, configs, ctx: ApplyContext) -> list[PatchSet]:
-    """Check, then apply `configs` in canonical order; on failure, undo what was applied and re-raise."""
+def resolve_available(configs, ctx: ApplyContext) -> tuple[list, list[str]]:
+    """Replace each unavailable config by its unit's fallback (or drop it); return (configs, one-line notes)."""
+    units = all_units()
+    kept, notes = [], []
+    for cfg in configs:
+        unit = units[cfg.kind]
+        try:
+            unit.check(cfg, ctx)
+            kept.append(cfg)
+            continue
+        except UnavailableError as exc:
+            reason = exc.reason
+            option = exc.option
+        replacement = unit.fallback(cfg, ctx)
+        if replacement is not None:
+            unit.check(replacement, ctx)
+            kept.append(replacement)
+            notes.append(f"{option} unavailable ({reason}); using {unit.kind} "
+                         f"{_changed_fields(replacement) or 'defaults'} instead")
+        else:
+            notes.append(f"{option} unavailable ({reason}); running without {unit.kind}")
+    for note in notes:
+        log.warning(note)
+    return kept, notes
+
+
+def _changed_fields(cfg) -> str:
+    default = type(cfg)().to_dict()
+    return ",".join(f"{k}={v}" for k, v in cfg.to_dict().items() if v != default[k])
+
+
+def apply_all(pipe, configs, ctx: ApplyContext, *, strict: bool = True) -> list[PatchSet]:
+    """Check, then apply `configs` in canonical order; on failure, undo what was applied and re-raise.
+
+    strict=False replaces unavailable options by their fallbacks instead of raising (the UI path);
+    the notes saying so are left on the first handle's `info["notes"]`.
+    """
     configs = canonical_order(configs)
     check_conflicts(configs)
-    check_available(configs, ctx)
+    notes: list[str] = []
+    if strict:
+        check_available(configs, ctx)
+    else:
+        configs, notes = resolve_available(configs, ctx)
+        configs = canonical_order(configs)
+        check_conflicts(configs)
     handles: list[PatchSet] = []
     try:
         for cfg in configs:
@@ -164,6 +254,8 @@ def apply_all(pipe, configs, ctx: ApplyContext) -> list[PatchSet]:
     except BaseException:
         remove_all(handles)
         raise
+    if handles and notes:
+        handles[0].info["notes"] = notes
     return handles
 
 
@@ -173,5 +265,5 @@ def remove_all(handles) -> None:
         handle.remove()
 
 
-__all__ = ["Stage", "OptimizationConfig", "ApplyContext", "Unit", "register", "all_units", "get_unit",
+__all__ = ["Stage", "OptimizationConfig", "ApplyContext", "RunContext", "Unit", "register", "all_units", "get_unit",
            "canonical_order", "check_conflicts", "apply_all", "remove_all", "UnavailableError"]

@@ -9,7 +9,9 @@ generator seeded `seed + i`, so any image can be re-made alone, on any device.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,7 @@ import torch
 
 from .errors import ConfigError, GenerationInterrupted
 from .families import Family
+from .registry import RunContext, all_units
 from .schedulers import SCHEDULER_TITLES, make_scheduler, normalise_scheduler
 from .session import PipelineCache, PreparedPipeline, default_cache
 from .spec import GenerationRequest, PipelineSpec
@@ -62,17 +65,29 @@ class _Plan:
     scheduler: str
     init: torch.Tensor | None
     strength: float
+    cfg_cutoff: float
+    cfg_cutoff_step: int | None
+
+    def cfg_steps(self, total: int) -> int:
+        """How many of the `total` steps run with guidance (the rest run the conditional pass only)."""
+        if self.cfg <= 1.0:
+            return 0
+        if self.cfg_cutoff_step is not None:
+            return min(self.cfg_cutoff_step, total)
+        return min(total, int(math.floor(self.cfg_cutoff * total + 0.5)))
 
 
 def run(spec: PipelineSpec, request: GenerationRequest, *, cache: PipelineCache | None = None,
-        progress: ProgressFn | None = None, should_interrupt: InterruptFn | None = None) -> RunResult:
+        progress: ProgressFn | None = None, should_interrupt: InterruptFn | None = None,
+        strict: bool = False) -> RunResult:
     """Generate images for `request` with the pipeline `spec` describes (loaded/prepared once, cached).
 
     `progress(step, total)` is called after each step; `should_interrupt()` is polled before each step
     and, when true, stops the run with GenerationInterrupted, leaving the cached pipeline usable.
+    An option this machine lacks falls back (one note in RunStats) unless `strict`, which raises.
     """
     cache = cache if cache is not None else default_cache()
-    with cache.use(spec) as prepared:
+    with cache.use(spec, strict=strict) as prepared:
         return generate(prepared, request, progress=progress, should_interrupt=should_interrupt)
 
 
@@ -89,7 +104,8 @@ def _plan(request: GenerationRequest, fam: Family) -> _Plan:
     cfg = fam.cfg if request.cfg is None else request.cfg
     scheduler = fam.scheduler if request.scheduler == "auto" else normalise_scheduler(request.scheduler)
     return _Plan(request.prompt, request.negative_prompt, width, height, steps, cfg, request.seed,
-                 request.batch_size, scheduler, init, request.strength)
+                 request.batch_size, scheduler, init, request.strength, request.cfg_cutoff,
+                 request.cfg_cutoff_step)
 
 
 def load_image_tensor(image) -> torch.Tensor:
@@ -218,9 +234,13 @@ def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, 
                           "pass one image or exactly batch_size images")
     with timer.stage("encode_image"), monitor.stage("encode_image"):
         vae_device = _module_device(vae)
-        dist = vae.encode((image * 2 - 1).to(vae_device, vae.dtype)).latent_dist
-        eps = _noise(dist.mean.shape[1:], _generators(plan.seed + 7919, plan.batch), vae_device, torch.float32)
-        init_latents = (dist.mean.float() + dist.std.float() * eps).to(device)
+        encoded = vae.encode((image * 2 - 1).to(vae_device, vae.dtype))
+        dist = getattr(encoded, "latent_dist", None)
+        if dist is None:  # deterministic encoders (Tiny VAE) return latents directly
+            init_latents = encoded.latents.float().to(device)
+        else:
+            eps = _noise(dist.mean.shape[1:], _generators(plan.seed + 7919, plan.batch), vae_device, torch.float32)
+            init_latents = (dist.mean.float() + dist.std.float() * eps).to(device)
     scale, shift = _vae_scale(vae)
     init_latents = (init_latents - shift) * scale
     latent_t = timesteps[:1].repeat(plan.batch)
@@ -236,7 +256,33 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
         z = z * std / scale + torch.tensor(mean).view(1, -1, 1, 1).to(z)
     device = _module_device(vae)
     image = vae.decode(z.to(device, vae.dtype), return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
+    return (image.float() / 2 + 0.5).clamp(0, 1), image
+
+
+def _decode_checked(prepared: PreparedPipeline, latents: torch.Tensor, run: RunContext) -> torch.Tensor:
+    """Decode; if a half-precision VAE overflowed (NaN/inf), decode again in fp32 and say so once."""
+    from .patching import PatchSet
+
+    vae = prepared.pipe.vae
+    images, raw = _decode(vae, latents)
+    if torch.isfinite(raw).all() or vae.dtype == torch.float32:
+        return images
+    precision = prepared.spec.optimization("precision") if prepared.spec else None
+    if precision is not None and not getattr(precision, "vae_auto_upcast", True):
+        run.note(f"VAE decode in {str(vae.dtype).replace('torch.', '')} produced NaN/inf (auto upcast is off)")
+        return images
+    scope = PatchSet("vae_upcast")
+    scope.convert_tensors(vae, dtype=torch.float32)
+    try:
+        images, _ = _decode(vae, latents)
+    finally:
+        scope.remove()
+    run.note("VAE overflowed in half precision; re-decoded in fp32 (use the fp16-fix VAE to avoid the cost)")
+    if not getattr(prepared, "_warned_vae_upcast", False):
+        log.warning("%s: the half-precision VAE produced NaN/inf; decoded again in fp32", prepared.loaded.source)
+        prepared._warned_vae_upcast = True
+    run.count("vae_upcast_decodes")
+    return images
 
 
 def _to_pil(images: torch.Tensor) -> list:
@@ -256,6 +302,24 @@ def _describe_optimizations(spec: PipelineSpec) -> list[str]:
     return out
 
 
+def _run_scopes(prepared: PreparedPipeline, run: RunContext, stack: ExitStack) -> None:
+    """Enter every applied unit's per-run scope, in canonical order."""
+    units = all_units()
+    for handle in prepared.handles:
+        cfg = handle.info.get("config")
+        scope = units[handle.name].run_scope(cfg, handle, run) if cfg is not None else None
+        if scope is not None:
+            stack.enter_context(scope)
+
+
+def _conditional_half(cond: dict, batch: int) -> dict:
+    """The positive half of [negative, positive] conditioning, for steps after the CFG cutoff."""
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"][batch:]}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v[batch:] for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
 def generate(prepared: PreparedPipeline, request: GenerationRequest, *, progress: ProgressFn | None = None,
              should_interrupt: InterruptFn | None = None) -> RunResult:
     """Run one request on an already prepared pipeline."""
@@ -269,48 +333,61 @@ def generate(prepared: PreparedPipeline, request: GenerationRequest, *, progress
                      else "txt2img", width=plan.width, height=plan.height, batch_size=plan.batch,
                      scheduler=SCHEDULER_TITLES[plan.scheduler], steps=plan.steps, cfg=plan.cfg,
                      cache=prepared.status, prepare_s=prepared.prepare_s)
+    stats.notes.extend(prepared.notes)
     if fam.turbo and plan.steps > (fam.max_steps_hint or plan.steps):
         stats.notes.append(f"{fam.title} is distilled for 1-{fam.max_steps_hint} steps")
     monitor, timer = MemoryMonitor(prepared.device), StageTimer(prepared.device)
     do_cfg = plan.cfg > 1.0
     calls = _UnetCallLog(pipe.unet)
+    run = RunContext(pipe=pipe, family=fam, device=device, steps=plan.steps, batch=plan.batch, cfg_steps=0)
     start = time.perf_counter()
     try:
-        with torch.inference_mode():
-            with timer.stage("text_encode"), monitor.stage("text_encode"):
+        with torch.inference_mode(), ExitStack() as scopes:
+            _run_scopes(prepared, run, scopes)
+            with run.stage("text_encode"), timer.stage("text_encode"), monitor.stage("text_encode"):
                 cond = _encode_prompts(pipe, fam, plan, do_cfg, device)
             scheduler = make_scheduler(plan.scheduler, prepared.loaded.scheduler_config, turbo=fam.turbo)
             generators = _generators(plan.seed, plan.batch)
-            latents, timesteps = _prepare_latents(pipe, plan, scheduler, generators, device, monitor, timer)
+            with run.stage("prepare_latents"):
+                latents, timesteps = _prepare_latents(pipe, plan, scheduler, generators, device, monitor, timer)
             total = len(timesteps)
+            run.steps = total
+            run.cfg_steps = plan.cfg_steps(total)
+            uncond_free = _conditional_half(cond, plan.batch) if do_cfg and run.cfg_steps < total else cond
             unet_dtype = pipe.unet.dtype
-            with timer.stage("denoise"), monitor.stage("denoise"):
+            with run.stage("denoise"), timer.stage("denoise"), monitor.stage("denoise"):
                 for i, t in enumerate(timesteps):
                     if should_interrupt is not None and should_interrupt():
                         raise GenerationInterrupted(i, total)
-                    model_in = torch.cat([latents] * 2) if do_cfg else latents
+                    run.step = i
+                    guided = i < run.cfg_steps
+                    model_in = torch.cat([latents] * 2) if guided else latents
                     model_in = scheduler.scale_model_input(model_in, t)
-                    noise_pred = pipe.unet(model_in.to(unet_dtype), t, return_dict=False, **cond)[0].float()
-                    if do_cfg:
+                    step_cond = cond if guided or not do_cfg else uncond_free
+                    noise_pred = pipe.unet(model_in.to(unet_dtype), t, return_dict=False, **step_cond)[0].float()
+                    if guided:
                         uncond, text = noise_pred.chunk(2)
                         noise_pred = uncond + plan.cfg * (text - uncond)
                     latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
                     stats.steps_run = i + 1
                     if progress is not None:
                         progress(i + 1, total)
-            with timer.stage("decode"), monitor.stage("decode"):
-                images = _decode(pipe.vae, latents)
+            with run.stage("decode"), timer.stage("decode"), monitor.stage("decode"):
+                images = _decode_checked(prepared, latents, run)
             images_hwc = images.permute(0, 2, 3, 1).cpu().contiguous()
             pil = _to_pil(images_hwc)
     finally:
         calls.close()
         stats.unet_calls = len(calls.batch_sizes)
         stats.unet_batch_sizes = list(calls.batch_sizes)
+        stats.cfg_steps = run.cfg_steps
         stats.stage_s = {k: round(v, 4) for k, v in timer.times.items()}
         stats.total_s = time.perf_counter() - start
         stats.stage_peak_mem_mb = {k: round(v, 1) for k, v in monitor.stage_peaks.items()}
         stats.peak_mem_mb = round(monitor.peak_mb, 1)
         stats.mem_kind = monitor.kind
+        stats.notes.extend(n for n in run.notes if n not in stats.notes)
+        stats.counters = dict(run.counters)
     denoise_s = stats.stage_s.get("denoise", 0.0)
     stats.it_per_s = stats.steps_run / denoise_s if denoise_s > 0 else 0.0
     return RunResult(pil, images_hwc, latents.detach().float().cpu(), stats, _vae_scale(pipe.vae)[0])

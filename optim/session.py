@@ -48,6 +48,8 @@ class PreparedPipeline:
     spec: PipelineSpec | None = None
     handles: list = field(default_factory=list)
     status: str = ""  # what the last prepare() did: loaded | reconfigured | hit
+    strict: bool = False
+    notes: list = field(default_factory=list)  # fallbacks taken for options this machine lacks
     prepare_s: float = 0.0
     last_used: float = 0.0
 
@@ -98,16 +100,18 @@ class PipelineCache:
         return len(self._entries)
 
     @contextmanager
-    def use(self, spec: PipelineSpec):
+    def use(self, spec: PipelineSpec, *, strict: bool = False):
         """Hold the cache while using the prepared pipeline for `spec` (one run at a time)."""
         with self._lock:
-            yield self._prepare(spec)
+            yield self._prepare(spec, strict)
 
-    def prepare(self, spec: PipelineSpec) -> PreparedPipeline:
+    def prepare(self, spec: PipelineSpec, *, strict: bool = False) -> PreparedPipeline:
+        """The pipeline for `spec`, loaded/applied as needed. strict=True raises for an option this machine
+        lacks instead of running its fallback (benchmarks must not fake a configuration)."""
         with self._lock:
-            return self._prepare(spec)
+            return self._prepare(spec, strict)
 
-    def _prepare(self, spec: PipelineSpec) -> PreparedPipeline:
+    def _prepare(self, spec: PipelineSpec, strict: bool) -> PreparedPipeline:
         start = time.perf_counter()
         device = resolve_device(spec.device)
         key = spec.model.identity()
@@ -120,7 +124,7 @@ class PipelineCache:
             entry = PreparedPipeline(loaded=loaded, device=device)
             self._entries[key] = entry
             status = "loaded"
-        if entry.spec != spec:
+        if entry.spec != spec or entry.strict != strict:
             if status == "hit":
                 status = "reconfigured"
             if entry.handles:
@@ -128,8 +132,10 @@ class PipelineCache:
                 entry.handles = []
                 entry.spec = None
             ctx = ApplyContext(device=device, family=entry.family, offloaded=_offloaded(spec))
-            entry.handles = apply_all(entry.pipe, spec.optimizations, ctx)  # undoes itself on failure
+            entry.handles = apply_all(entry.pipe, spec.optimizations, ctx, strict=strict)  # undoes on failure
+            entry.notes = list(entry.handles[0].info.get("notes", [])) if entry.handles else []
             entry.spec = spec
+            entry.strict = strict
             entry.device = device
             self.applies += 1
         entry.status = status

@@ -31,6 +31,7 @@ class RunStats:
     steps: int = 0
     steps_run: int = 0
     cfg: float = 0.0
+    cfg_steps: int = 0
     unet_calls: int = 0
     unet_batch_sizes: list = field(default_factory=list)
     stage_s: dict = field(default_factory=dict)
@@ -42,6 +43,7 @@ class RunStats:
     cache: str = ""
     prepare_s: float = 0.0
     notes: list = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -105,16 +105,20 @@ def test_a_changed_file_on_disk_is_reloaded(checkpoints, cache, tmp_path):
     assert run(spec, REQUEST, cache=cache).stats.cache == "loaded" and cache.loads == 2
 
 
-def test_an_unavailable_option_leaves_the_cached_pipeline_usable(checkpoints, cache, monkeypatch):
+def test_an_unavailable_option_falls_back_with_a_note_or_raises_when_strict(checkpoints, cache, monkeypatch):
     from sdaccel.optim.units import precision
 
     spec = PipelineSpec(model=checkpoints.get("sd15"))
     good = run(spec, REQUEST, cache=cache)
     monkeypatch.setattr(precision, "cpu_has_native", lambda name: False)
-    with pytest.raises(UnavailableError):
-        run(spec.with_optimization(PrecisionConfig(unet="fp16")), REQUEST, cache=cache)
+    lowp = spec.with_optimization(PrecisionConfig(unet="fp16"))
+    with pytest.raises(UnavailableError, match="precision.unet=fp16"):
+        run(lowp, REQUEST, cache=cache, strict=True)
     again = run(spec, REQUEST, cache=cache)
     assert torch.equal(good.images_tensor, again.images_tensor) and cache.loads == 1
+    fallen = run(lowp, REQUEST, cache=cache)  # the UI path: fall back, say so once, keep going
+    assert any("precision.unet=fp16 unavailable" in n for n in fallen.stats.notes)
+    assert fallen.stats.dtypes["unet"] == "float32" and torch.equal(fallen.images_tensor, good.images_tensor)
 
 
 def test_evict_and_clear(checkpoints, cache):
