@@ -91,7 +91,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", action="append", default=[], help="add a bench preset's optimizations")
     gen.add_argument("--out", required=True, help="folder for the PNG files")
 
-    bench = sub.add_parser("bench", help="benchmark presets side by side on this machine")
+    bench = sub.add_parser("bench", help="benchmark presets side by side on this machine (or `bench winograd`)")
+    bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd"),
+                       help="presets (default): whole runs per preset; winograd: every 3x3 conv shape, "
+                       "F.conv2d vs Winograd")
     bench.add_argument("--family", default="sd15", choices=sorted(FAMILIES),
                        help="family to build with random weights (or of --checkpoint)")
     bench.add_argument("--size", type=int, default=512, help="image side in pixels")
@@ -108,6 +111,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     bench.add_argument("--json", default=None, help="write the report as JSON here")
+    bench.add_argument("--chart", default=None, help="draw speedup and memory bars into this PNG (matplotlib)")
+    bench.add_argument("--refiner", default=None, help="SDXL refiner checkpoint for the refiner-ensemble preset "
+                       "(random weights when absent)")
     return parser
 
 
@@ -188,21 +194,33 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchSettings, format_table, run_bench, write_json
-    from .presets import PRESETS
+    from .bench import BenchSettings, format_table, run_bench, write_chart, write_json
+    from .presets import PRESETS, resolve_preset
 
     if args.list_presets:
         for name, preset in PRESETS.items():
             print(f"{name:<26} {preset.description}")
         return 0
+    if args.target == "winograd":
+        from .winograd_bench import format_winograd_table, run_winograd_bench
+
+        report = run_winograd_bench(args.family, args.size, repeats=args.repeats)
+        print(format_winograd_table(report))
+        if args.json:
+            print(f"wrote {write_json(report, args.json)}")
+        return 0
     settings = BenchSettings(family=args.family, size=args.size, steps=args.steps,
                              presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
                              checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                             seed=args.seed, cfg=args.cfg, scheduler=args.scheduler)
+                             seed=args.seed, cfg=args.cfg, scheduler=args.scheduler, refiner=args.refiner)
+    for name in settings.presets:  # fail on a typo before loading anything
+        resolve_preset(name)
     report = run_bench(settings)
     print(format_table(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")
+    if args.chart:
+        print(f"wrote {write_chart(report, args.chart)}")
     return 0
 
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import CheckpointFile, open_checkpoint
+from .checkpoint import open_checkpoint
 from .detect import (REFINER_OPENCLIP_PREFIX, SD1_CLIP_PREFIX, SD2_OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX,
                      XL_CLIP_PREFIX, XL_OPENCLIP_PREFIX, Detection, detect_folder, detect_single_file)
 from .errors import CheckpointError
@@ -133,7 +133,7 @@ def _load_single_file(path: Path, ref: ModelRef) -> LoadedModel:
     ck = open_checkpoint(path)
     det = detect_single_file(ck, ref.family, ref.prediction_type)
     fam = det.family
-    cfg = _config_dir(ref, fam)
+    cfg = _config_dir(ref, fam, path)
     comps: dict = {}
 
     def component(prefix: str):
@@ -171,11 +171,22 @@ def _load_single_file(path: Path, ref: ModelRef) -> LoadedModel:
     return LoadedModel(pipe, fam, det.prediction_type, str(path), ck.format, scheduler_config, assumed=det.assumed)
 
 
-def _config_dir(ref: ModelRef, fam: Family) -> Path:
-    """The shipped family config folder, or the user's replacement (checked for every component)."""
-    if not ref.config_dir:
+def sidecar_config_dir(path: Path) -> Path | None:
+    """A config folder beside the checkpoint (`model.safetensors.config/` or `model.config/`), as A1111 reads a
+    `model.yaml` beside `model.ckpt`: how a checkpoint with a non-standard architecture brings its own configs."""
+    for candidate in (path.with_name(path.name + ".config"), path.with_suffix(".config")):
+        if candidate.is_dir() and (candidate / "unet" / "config.json").exists():
+            return candidate
+    return None
+
+
+def _config_dir(ref: ModelRef, fam: Family, path: Path | None = None) -> Path:
+    """The user's config folder (explicit, or beside the file), else the family's shipped one."""
+    folder = Path(ref.config_dir).expanduser() if ref.config_dir else (sidecar_config_dir(path) if path else None)
+    if folder is None:
         return fam.config_dir
-    folder = Path(ref.config_dir).expanduser()
+    if not ref.config_dir:
+        log.info("%s: using the architecture configs beside it in %s", path.name, folder)
     for name in ("unet", "vae") + fam.text_encoders:
         if not (folder / name / "config.json").exists():
             raise CheckpointError(folder, f"is missing {name}/config.json",

@@ -112,6 +112,10 @@ class PatchSet:
 
         self._undo.append(undo)
 
+    def hold(self, tensors) -> None:
+        """Count tensors kept alive only so removal can put them back (e.g. a swapped-out module's weights)."""
+        self._held.extend(tensors)
+
     def held_bytes(self) -> int:
         """Memory kept alive only so that removal can restore originals."""
         return sum(t.numel() * t.element_size() for t in self._held)

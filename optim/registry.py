@@ -11,7 +11,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from .errors import ConflictError, UnavailableError
 from .fields import Config

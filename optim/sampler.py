@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -148,21 +148,15 @@ def _noise(shape, generators, device, dtype=torch.float32) -> torch.Tensor:
                                                                                                       dtype)
 
 
-def _module_device(module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def _encode_prompts(pipe, fam: Family, plan: _Plan, do_cfg: bool, device) -> dict:
     """Text embeddings (and SDXL pooled embeddings / time ids) ordered [negative, positive] under CFG."""
     negative = plan.negative or None
     if not fam.is_xl:
-        te_device = _module_device(pipe.text_encoder)
-        cond, uncond = pipe.encode_prompt(plan.prompt, te_device, plan.batch, do_cfg, negative)
+        cond, uncond = pipe.encode_prompt(plan.prompt, device, plan.batch, do_cfg, negative)
         embeds = torch.cat([uncond, cond]) if do_cfg else cond
         return {"encoder_hidden_states": embeds.to(device)}
-    te_device = _module_device(pipe.text_encoder_2)
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-        prompt=plan.prompt, device=te_device, num_images_per_prompt=plan.batch,
+        prompt=plan.prompt, device=device, num_images_per_prompt=plan.batch,
         do_classifier_free_guidance=do_cfg, negative_prompt=negative)
     h, w = plan.height, plan.width
     if fam.name == "sdxl-refiner":
@@ -205,6 +199,13 @@ def _vae_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def _latent_scale(prepared: PreparedPipeline) -> float:
+    """The model's own VAE scaling factor (a Tiny VAE in `pipe.vae` says 1.0 for the same latent space)."""
+    handle = prepared.handle("vae")
+    factor = handle.info.get("latent_scaling_factor") if handle is not None else None
+    return factor if factor is not None else _vae_scale(prepared.pipe.vae)[0]
+
+
 def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, timer):
     """Initial latents and the timesteps to run (all of them for txt2img, the tail for img2img)."""
     unet, vae = pipe.unet, pipe.vae
@@ -233,7 +234,7 @@ def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, 
         raise ConfigError("GenerationRequest.init_image", f"{image.shape[0]} images for a batch of {plan.batch}",
                           "pass one image or exactly batch_size images")
     with timer.stage("encode_image"), monitor.stage("encode_image"):
-        vae_device = _module_device(vae)
+        vae_device = device
         encoded = vae.encode((image * 2 - 1).to(vae_device, vae.dtype))
         dist = getattr(encoded, "latent_dist", None)
         if dist is None:  # deterministic encoders (Tiny VAE) return latents directly
@@ -247,24 +248,23 @@ def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, 
     return scheduler.add_noise(init_latents, noise, latent_t), timesteps
 
 
-def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def _decode(vae, latents: torch.Tensor, device) -> torch.Tensor:
     scale, shift = _vae_scale(vae)
     z = latents / scale + shift
     mean = getattr(vae.config, "latents_mean", None)
     if mean is not None:
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(z)
         z = z * std / scale + torch.tensor(mean).view(1, -1, 1, 1).to(z)
-    device = _module_device(vae)
     image = vae.decode(z.to(device, vae.dtype), return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1), image
 
 
-def _decode_checked(prepared: PreparedPipeline, latents: torch.Tensor, run: RunContext) -> torch.Tensor:
+def _decode_checked(prepared: PreparedPipeline, latents: torch.Tensor, run: RunContext, device) -> torch.Tensor:
     """Decode; if a half-precision VAE overflowed (NaN/inf), decode again in fp32 and say so once."""
     from .patching import PatchSet
 
     vae = prepared.pipe.vae
-    images, raw = _decode(vae, latents)
+    images, raw = _decode(vae, latents, device)
     if torch.isfinite(raw).all() or vae.dtype == torch.float32:
         return images
     precision = prepared.spec.optimization("precision") if prepared.spec else None
@@ -274,7 +274,7 @@ def _decode_checked(prepared: PreparedPipeline, latents: torch.Tensor, run: RunC
     scope = PatchSet("vae_upcast")
     scope.convert_tensors(vae, dtype=torch.float32)
     try:
-        images, _ = _decode(vae, latents)
+        images, _ = _decode(vae, latents, device)
     finally:
         scope.remove()
     run.note("VAE overflowed in half precision; re-decoded in fp32 (use the fp16-fix VAE to avoid the cost)")
@@ -320,74 +320,123 @@ def _conditional_half(cond: dict, batch: int) -> dict:
     return out
 
 
+class _Job:
+    """One prepared pipeline working on one plan: stages, timing, memory, UNet calls and run scopes."""
+
+    def __init__(self, prepared: PreparedPipeline, plan: _Plan):
+        self.prepared, self.plan = prepared, plan
+        self.pipe, self.fam = prepared.pipe, prepared.family
+        self.device = torch.device(prepared.device)  # execution device (offloaded weights may live elsewhere)
+        precision = prepared.handle("precision")
+        self.stats = RunStats(
+            family=self.fam.name, model=Path(prepared.loaded.source).name, device=str(prepared.device),
+            dtypes=dict(precision.info.get("dtypes", {})) if precision else {},
+            optimizations=_describe_optimizations(prepared.spec),
+            mode="img2img" if plan.init is not None else "txt2img", width=plan.width, height=plan.height,
+            batch_size=plan.batch, scheduler=SCHEDULER_TITLES[plan.scheduler], steps=plan.steps, cfg=plan.cfg,
+            cache=prepared.status, prepare_s=prepared.prepare_s)
+        self.stats.notes.extend(prepared.notes)
+        if self.fam.turbo and plan.steps > (self.fam.max_steps_hint or plan.steps):
+            self.stats.notes.append(f"{self.fam.title} is distilled for 1-{self.fam.max_steps_hint} steps")
+        self.monitor, self.timer = MemoryMonitor(prepared.device), StageTimer(prepared.device)
+        self.do_cfg = plan.cfg > 1.0
+        self.run = RunContext(pipe=self.pipe, family=self.fam, device=self.device, steps=plan.steps,
+                              batch=plan.batch, cfg_steps=0)
+
+    @contextmanager
+    def stage(self, name: str):
+        with self.timer.stage(name), self.monitor.stage(name), self.run.stage(name):
+            yield
+
+    @contextmanager
+    def running(self):
+        """Run scopes and bookkeeping around the whole job; stats are filled in even if it fails."""
+        calls = _UnetCallLog(self.pipe.unet)
+        start = time.perf_counter()
+        try:
+            with ExitStack() as scopes:
+                _run_scopes(self.prepared, self.run, scopes)
+                yield self
+        finally:
+            calls.close()
+            stats, run = self.stats, self.run
+            stats.unet_calls = len(calls.batch_sizes)
+            stats.unet_batch_sizes = list(calls.batch_sizes)
+            stats.cfg_steps = run.cfg_steps
+            stats.stage_s = {k: round(v, 4) for k, v in self.timer.times.items()}
+            stats.total_s = time.perf_counter() - start
+            stats.stage_peak_mem_mb = {k: round(v, 1) for k, v in self.monitor.stage_peaks.items()}
+            stats.peak_mem_mb = round(self.monitor.peak_mb, 1)
+            stats.mem_kind = self.monitor.kind
+            stats.notes.extend(n for n in run.notes if n not in stats.notes)
+            stats.counters = dict(run.counters)
+            denoise_s = stats.stage_s.get("denoise", 0.0)
+            stats.it_per_s = stats.steps_run / denoise_s if denoise_s > 0 else 0.0
+
+    def encode(self) -> dict:
+        with self.stage("text_encode"):
+            return _encode_prompts(self.pipe, self.fam, self.plan, self.do_cfg, self.device)
+
+    def initial_latents(self):
+        scheduler = make_scheduler(self.plan.scheduler, self.prepared.loaded.scheduler_config, turbo=self.fam.turbo)
+        generators = _generators(self.plan.seed, self.plan.batch)
+        announce = self.run.stage("encode_image") if self.plan.init is not None else nullcontext()
+        with announce:  # only img2img needs the VAE before denoising
+            latents, timesteps = _prepare_latents(self.pipe, self.plan, scheduler, generators, self.device,
+                                                  self.monitor, self.timer)
+        return scheduler, generators, latents, timesteps
+
+    def set_schedule(self, total: int) -> None:
+        self.run.steps = total
+        self.run.cfg_steps = self.plan.cfg_steps(total)
+
+    def denoise(self, scheduler, generators, latents, timesteps, cond, *, first: int, total: int,
+                progress: ProgressFn | None, should_interrupt: InterruptFn | None, stage: str = "denoise"):
+        """Steps `first .. first+len(timesteps)-1` of `total`, on this job's UNet."""
+        plan, run = self.plan, self.run
+        guided_until = run.cfg_steps
+        uncond_free = _conditional_half(cond, plan.batch) if self.do_cfg and guided_until < total else cond
+        unet = self.pipe.unet
+        unet_dtype = unet.dtype
+        with self.stage(stage):
+            for offset, t in enumerate(timesteps):
+                i = first + offset
+                if should_interrupt is not None and should_interrupt():
+                    raise GenerationInterrupted(i, total)
+                run.step = i
+                guided = i < guided_until
+                model_in = torch.cat([latents] * 2) if guided else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                step_cond = cond if guided or not self.do_cfg else uncond_free
+                noise_pred = unet(model_in.to(unet_dtype), t, return_dict=False, **step_cond)[0].float()
+                if guided:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + plan.cfg * (text - uncond)
+                latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+                self.stats.steps_run = i + 1
+                if progress is not None:
+                    progress(i + 1, total)
+        return latents
+
+    def decode(self, latents):
+        with self.stage("decode"):
+            images = _decode_checked(self.prepared, latents, self.run, self.device)
+        return images.permute(0, 2, 3, 1).cpu().contiguous()
+
+    def result(self, images_hwc, latents) -> RunResult:
+        return RunResult(_to_pil(images_hwc), images_hwc, latents.detach().float().cpu(), self.stats,
+                         _latent_scale(self.prepared))
+
+
 def generate(prepared: PreparedPipeline, request: GenerationRequest, *, progress: ProgressFn | None = None,
              should_interrupt: InterruptFn | None = None) -> RunResult:
     """Run one request on an already prepared pipeline."""
-    pipe, fam = prepared.pipe, prepared.family
-    plan = _plan(request, fam)
-    device = _module_device(pipe.unet)
-    precision = prepared.handle("precision")
-    stats = RunStats(family=fam.name, model=Path(prepared.loaded.source).name, device=str(prepared.device),
-                     dtypes=dict(precision.info.get("dtypes", {})) if precision else {},
-                     optimizations=_describe_optimizations(prepared.spec), mode="img2img" if plan.init is not None
-                     else "txt2img", width=plan.width, height=plan.height, batch_size=plan.batch,
-                     scheduler=SCHEDULER_TITLES[plan.scheduler], steps=plan.steps, cfg=plan.cfg,
-                     cache=prepared.status, prepare_s=prepared.prepare_s)
-    stats.notes.extend(prepared.notes)
-    if fam.turbo and plan.steps > (fam.max_steps_hint or plan.steps):
-        stats.notes.append(f"{fam.title} is distilled for 1-{fam.max_steps_hint} steps")
-    monitor, timer = MemoryMonitor(prepared.device), StageTimer(prepared.device)
-    do_cfg = plan.cfg > 1.0
-    calls = _UnetCallLog(pipe.unet)
-    run = RunContext(pipe=pipe, family=fam, device=device, steps=plan.steps, batch=plan.batch, cfg_steps=0)
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode(), ExitStack() as scopes:
-            _run_scopes(prepared, run, scopes)
-            with run.stage("text_encode"), timer.stage("text_encode"), monitor.stage("text_encode"):
-                cond = _encode_prompts(pipe, fam, plan, do_cfg, device)
-            scheduler = make_scheduler(plan.scheduler, prepared.loaded.scheduler_config, turbo=fam.turbo)
-            generators = _generators(plan.seed, plan.batch)
-            with run.stage("prepare_latents"):
-                latents, timesteps = _prepare_latents(pipe, plan, scheduler, generators, device, monitor, timer)
-            total = len(timesteps)
-            run.steps = total
-            run.cfg_steps = plan.cfg_steps(total)
-            uncond_free = _conditional_half(cond, plan.batch) if do_cfg and run.cfg_steps < total else cond
-            unet_dtype = pipe.unet.dtype
-            with run.stage("denoise"), timer.stage("denoise"), monitor.stage("denoise"):
-                for i, t in enumerate(timesteps):
-                    if should_interrupt is not None and should_interrupt():
-                        raise GenerationInterrupted(i, total)
-                    run.step = i
-                    guided = i < run.cfg_steps
-                    model_in = torch.cat([latents] * 2) if guided else latents
-                    model_in = scheduler.scale_model_input(model_in, t)
-                    step_cond = cond if guided or not do_cfg else uncond_free
-                    noise_pred = pipe.unet(model_in.to(unet_dtype), t, return_dict=False, **step_cond)[0].float()
-                    if guided:
-                        uncond, text = noise_pred.chunk(2)
-                        noise_pred = uncond + plan.cfg * (text - uncond)
-                    latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
-                    stats.steps_run = i + 1
-                    if progress is not None:
-                        progress(i + 1, total)
-            with run.stage("decode"), timer.stage("decode"), monitor.stage("decode"):
-                images = _decode_checked(prepared, latents, run)
-            images_hwc = images.permute(0, 2, 3, 1).cpu().contiguous()
-            pil = _to_pil(images_hwc)
-    finally:
-        calls.close()
-        stats.unet_calls = len(calls.batch_sizes)
-        stats.unet_batch_sizes = list(calls.batch_sizes)
-        stats.cfg_steps = run.cfg_steps
-        stats.stage_s = {k: round(v, 4) for k, v in timer.times.items()}
-        stats.total_s = time.perf_counter() - start
-        stats.stage_peak_mem_mb = {k: round(v, 1) for k, v in monitor.stage_peaks.items()}
-        stats.peak_mem_mb = round(monitor.peak_mb, 1)
-        stats.mem_kind = monitor.kind
-        stats.notes.extend(n for n in run.notes if n not in stats.notes)
-        stats.counters = dict(run.counters)
-    denoise_s = stats.stage_s.get("denoise", 0.0)
-    stats.it_per_s = stats.steps_run / denoise_s if denoise_s > 0 else 0.0
-    return RunResult(pil, images_hwc, latents.detach().float().cpu(), stats, _vae_scale(pipe.vae)[0])
+    job = _Job(prepared, _plan(request, prepared.family))
+    with torch.inference_mode(), job.running():
+        cond = job.encode()
+        scheduler, generators, latents, timesteps = job.initial_latents()
+        job.set_schedule(len(timesteps))
+        latents = job.denoise(scheduler, generators, latents, timesteps, cond, first=0, total=len(timesteps),
+                              progress=progress, should_interrupt=should_interrupt)
+        images = job.decode(latents)
+    return job.result(images, latents)

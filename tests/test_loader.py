@@ -169,3 +169,11 @@ def test_config_dir_must_hold_every_component(checkpoints, tmp_path):
     shutil.rmtree(bad / "vae")
     with pytest.raises(CheckpointError, match="vae/config.json"):
         load_model(ref.with_(config_dir=str(bad)))
+
+
+def test_a_config_folder_beside_the_checkpoint_is_used(checkpoints, caplog):
+    ref = checkpoints.get("sd15")  # the fixture writes <file>.config beside each tiny checkpoint
+    with caplog.at_level(logging.INFO, logger="sdaccel"):
+        loaded = load_model(ref.with_(config_dir=""))
+    assert loaded.pipe.unet.config.block_out_channels == [32, 32, 64, 64]
+    assert "architecture configs beside it" in caplog.text

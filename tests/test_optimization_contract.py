@@ -77,8 +77,9 @@ def test_apply_then_remove_restores_everything_bit_for_bit(pipe, kind, index):
     handle = unit.apply(pipe, cfg, _ctx(pipe))
     assert kind in installed(pipe)
     changed = _fingerprint(pipe)
-    assert any(before[n][0][k][:3] != changed[n][0][k][:3] or not torch.equal(before[n][0][k][3], changed[n][0][k][3])
-               for n in before for k in before[n][0]) or handle.info, f"{kind} example {cfg} changed nothing"
+    assert any(before[n][0].keys() != changed[n][0].keys() or any(
+        before[n][0][k][:3] != changed[n][0][k][:3] or not torch.equal(before[n][0][k][3], changed[n][0][k][3])
+        for k in before[n][0]) for n in before) or handle.info, f"{kind} example {cfg} changed nothing"
     _outputs(pipe)  # runs while applied
     handle.remove()
     assert kind not in installed(pipe)

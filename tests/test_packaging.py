@@ -72,3 +72,15 @@ def test_requirements_do_not_pin_torch_for_hosts():
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     for extra in ("dev", "openvino", "gradio"):
         assert f"\n{extra} = [" in pyproject
+
+
+def test_kernels_import_torch_and_the_standard_library_only():
+    import sys as _sys
+
+    allowed = {"torch", "__future__"} | set(getattr(_sys, "stdlib_module_names", ()))
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                raise AssertionError(f"{path.name} reaches outside kernels/ ({'.' * node.level}{node.module})")
+        assert _imports(path) <= allowed, f"{path.name}: {sorted(_imports(path) - allowed)}"

@@ -87,7 +87,6 @@ def test_turbo_defaults_one_step_no_guidance_trailing(family, cache):
     assert result.stats.unet_batch_sizes == [1]  # guidance 0: no negative pass
     assert result.stats.scheduler == "Euler a"
     from sdaccel.optim.schedulers import make_scheduler
-    from sdaccel.optim.session import PipelineCache  # noqa: F401
 
     config = cache.entries()[-1].loaded.scheduler_config
     sched = make_scheduler("euler_a", config, turbo=True)

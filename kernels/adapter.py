@@ -1,0 +1,136 @@
+"""A Conv2d that runs Winograd when its plan says so, and a reversible patcher that swaps it in.
+
+`WinogradConv2d` is a `torch.nn.Conv2d` sharing the original layer's parameters (same objects,
+same state-dict keys, `isinstance(..., Conv2d)` still true for hosts and LoRA loaders); it keeps the
+original module for `restore()`. Its transformed filters are cached per tile size and recomputed
+when the weight changes (a LoRA patching it in place, a dtype or device move).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .winograd import conv_padding, filter_transform, is_eligible, winograd_conv2d
+
+# What to run for an input shape: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
+Choice = tuple[str, int, int]
+Planner = Callable[["WinogradConv2d", torch.Size, torch.dtype, torch.device], Choice]
+
+
+def _stamp(weight: torch.Tensor) -> tuple:
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors carry no version counter
+        version = -1
+    return weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape)
+
+
+class FilterCache:
+    """Transformed filters of every patched layer, within a memory budget shared by all of them."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.peak = 0
+        self.recomputed = 0
+
+    def admit(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+class WinogradConv2d(torch.nn.Conv2d):
+    """Drop-in replacement for an eligible 3x3 stride-1 Conv2d (see `is_eligible`)."""
+
+    def __init__(self, conv: torch.nn.Conv2d, planner: Planner, cache: FilterCache):
+        if not is_eligible(conv):
+            raise ValueError(f"{conv} is not a 3x3 stride-1 dense convolution")
+        torch.nn.Module.__init__(self)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight  # the very same Parameter objects: keys, sharing and LoRA patches unchanged
+        self.bias = conv.bias
+        object.__setattr__(self, "original", conv)
+        object.__setattr__(self, "planner", planner)
+        object.__setattr__(self, "filter_cache", cache)
+        self.pad = conv_padding(conv)
+        self._filters: dict[int, tuple[tuple, torch.Tensor, bool]] = {}
+        self.calls = {"conv2d": 0, "winograd": 0}
+
+    def filters(self, m: int) -> torch.Tensor:
+        """U = G g G^T for tile m, cached (within the shared budget) until the weight changes."""
+        stamp = _stamp(self.weight)
+        entry = self._filters.get(m)
+        if entry is not None and entry[0] == stamp:
+            return entry[1]
+        if entry is not None and entry[2]:
+            self.filter_cache.release(entry[1].numel() * entry[1].element_size())
+        u = filter_transform(self.weight.detach(), m)
+        cached = self.filter_cache.admit(u.numel() * u.element_size())
+        if cached:
+            self._filters[m] = (stamp, u, True)
+        else:
+            self._filters.pop(m, None)
+            self.filter_cache.recomputed += 1
+        return u
+
+    def drop_filters(self) -> None:
+        for _, u, cached in self._filters.values():
+            if cached:
+                self.filter_cache.release(u.numel() * u.element_size())
+        self._filters.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind, m, band = self.planner(self, x.shape, x.dtype, x.device)
+        if kind != "winograd":
+            self.calls["conv2d"] += 1
+            return self._conv_forward(x, self.weight, self.bias)
+        self.calls["winograd"] += 1
+        return winograd_conv2d(x, self.filters(m), self.bias, m=m, padding=self.pad, band_tiles=band or None)
+
+
+@dataclass
+class PatchedConvs:
+    """What `patch_convs` changed; `restore()` puts every original Conv2d back."""
+
+    module: torch.nn.Module
+    swaps: list  # (parent, child name, original conv, adapter)
+    cache: FilterCache
+
+    def adapters(self) -> list[WinogradConv2d]:
+        return [s[3] for s in self.swaps]
+
+    def restore(self) -> None:
+        for parent, name, original, adapter in reversed(self.swaps):
+            adapter.drop_filters()
+            parent._modules[name] = original
+        self.swaps.clear()
+
+
+def patch_convs(module: torch.nn.Module, planner: Planner, cache: FilterCache,
+                select: Callable[[str, torch.nn.Conv2d], bool] | None = None) -> PatchedConvs:
+    """Swap every eligible Conv2d under `module` (optionally filtered by `select(name, conv)`) for a
+    WinogradConv2d sharing its parameters and the filter `cache`. Reversible with `.restore()`."""
+    swaps = []
+    for parent_name, parent in list(module.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None or type(child) is not torch.nn.Conv2d or not is_eligible(child):
+                continue
+            full = f"{parent_name}.{name}" if parent_name else name
+            if select is not None and not select(full, child):
+                continue
+            adapter = WinogradConv2d(child, planner, cache)
+            adapter.train(child.training)
+            parent._modules[name] = adapter
+            swaps.append((parent, name, child, adapter))
+    return PatchedConvs(module, swaps, cache)

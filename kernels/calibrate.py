@@ -1,0 +1,153 @@
+"""Per-shape choice between F.conv2d and Winograd, measured once per machine and kept on disk.
+
+For each convolution shape met (input size, channels, dtype, device, threads) the candidates are
+timed side by side (warm-up, then the median of a few repeats) and the fastest kept, with a margin:
+Winograd must beat F.conv2d by `MARGIN` or the layer stays on F.conv2d, so no shape runs slower
+than before beyond noise. Results are cached per machine in a JSON file (written atomically; a
+damaged file is ignored and rebuilt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .winograd import filter_transform, winograd_conv2d
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.97  # Winograd is chosen only when it takes at most 97% of F.conv2d's time
+DEFAULT_TILES = (2, 4)
+DEFAULT_BANDS = (0, 2, 4, 8)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("SDACCEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdaccel")
+    return Path(base)
+
+
+def machine_key() -> str:
+    """Calibration results belong to one CPU model and thread count."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    raw = f"{cpu}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:12]
+
+
+def shape_key(n: int, c: int, k: int, h: int, w: int, pad: int, dtype: torch.dtype, device: torch.device) -> str:
+    return f"n{n}-c{c}-k{k}-h{h}-w{w}-p{pad}-{str(dtype).replace('torch.', '')}-{torch.device(device).type}"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tiles=DEFAULT_TILES,
+                  bands=DEFAULT_BANDS, repeats: int = 3, seed: int = 0) -> dict:
+    """Time F.conv2d against each Winograd tile/band candidate for one shape; return the timings."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
+    weight = (torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)).to(device, dtype)
+    bias = torch.zeros(k, dtype=dtype, device=device)
+    with torch.inference_mode():
+        results = {"conv2d": _median_time(lambda: F.conv2d(x, weight, bias, padding=pad), repeats)}
+        for m in tiles:
+            u = filter_transform(weight, m)
+            results[f"filter_transform_f{m}"] = _median_time(lambda: filter_transform(weight, m), 1)
+            tiles_h = -(-(h + 2 * pad - 2) // m)
+            for band in bands:
+                if band and band >= tiles_h:  # a band as tall as the image is the whole image
+                    continue
+                results[f"f{m}b{band}"] = _median_time(
+                    lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None), repeats)
+    return results
+
+
+def best_choice(timings: dict) -> tuple[str, int, int]:
+    """("conv2d", 0, 0) or ("winograd", m, band) from a timing table, honouring the margin."""
+    base = timings["conv2d"]
+    best, best_t = ("conv2d", 0, 0), base
+    for name, t in timings.items():
+        if not name.startswith("f") or name.startswith("filter"):
+            continue
+        m, band = int(name[1:name.index("b")]), int(name[name.index("b") + 1:])
+        if t <= base * MARGIN and t < best_t:
+            best, best_t = ("winograd", m, band), t
+    return best
+
+
+class Calibration:
+    """The per-machine table of measured choices, loaded from and saved to disk."""
+
+    def __init__(self, folder: Path | None = None, *, tiles=DEFAULT_TILES, bands=DEFAULT_BANDS, repeats: int = 3):
+        self.folder = Path(folder) if folder else default_cache_dir()
+        self.path = self.folder / f"winograd-{machine_key()}.json"
+        self.tiles, self.bands, self.repeats = tuple(tiles), tuple(bands), repeats
+        self.table: dict[str, dict] = self._load()
+        self.measured_s = 0.0
+        self.measured_shapes = 0
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("shapes"), dict):
+                return data["shapes"]
+            log.warning("ignoring malformed Winograd calibration %s", self.path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable Winograd calibration %s (%s); it will be rebuilt", self.path, exc)
+        return {}
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"machine": machine_key(), "torch": torch.__version__,
+                                   "threads": torch.get_num_threads(), "shapes": self.table}, indent=1),
+                       encoding="utf-8")
+        tmp.replace(self.path)
+
+    def timings(self, n, c, k, h, w, pad, dtype, device) -> dict:
+        key = shape_key(n, c, k, h, w, pad, dtype, device)
+        with self._lock:
+            entry = self.table.get(key)
+            if entry is None:
+                start = time.perf_counter()
+                entry = measure_shape(n, c, k, h, w, pad, dtype, device, tiles=self.tiles, bands=self.bands,
+                                      repeats=self.repeats)
+                self.measured_s += time.perf_counter() - start
+                self.measured_shapes += 1
+                self.table[key] = entry
+                self.save()
+            return entry
+
+    def choose(self, n, c, k, h, w, pad, dtype, device, *, filters_cached: bool = True) -> tuple[str, int, int]:
+        """The fastest way to run this shape; with uncached filters, their transform time counts too."""
+        timings = dict(self.timings(n, c, k, h, w, pad, dtype, device))
+        if not filters_cached:
+            for name in list(timings):
+                if name.startswith("f") and not name.startswith("filter"):
+                    m = int(name[1:name.index("b")])
+                    timings[name] += timings.get(f"filter_transform_f{m}", 0.0)
+        return best_choice(timings)

@@ -1,0 +1,128 @@
+"""Winograd convolution for the 3x3 stride-1 convolutions of the UNet and the VAE.
+
+The headline technique of the optimized stable-diffusion.cpp (arXiv 2412.05781), done in PyTorch:
+fewer multiplications per output (F(2,3): 2.25x, F(4,3): 4x fewer) where oneDNN's direct
+convolution is already at the CPU's peak. Which algorithm runs is measured per convolution shape
+on this machine once and kept on disk (see kernels/calibrate.py): a layer switches to Winograd only
+where it is measurably faster, so no layer gets slower. Outputs match F.conv2d to fp32 rounding
+(about 1e-6 relative for F(2,3), 1e-5 for F(4,3)); half precision stays on F.conv2d.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import UnavailableError
+from ..fields import option
+from ..registry import ApplyContext, OptimizationConfig, RunContext, Stage, Unit, register
+
+log = logging.getLogger(__name__)
+
+TILE_CHOICES = ("auto", "f2", "f4", "f6")
+
+
+@dataclass(frozen=True)
+class WinogradConfig(OptimizationConfig):
+    """Where Winograd may run and how its choice is made."""
+
+    kind: ClassVar[str] = "winograd"
+    unet: bool = option(True, "Use Winograd in the UNet's 3x3 convolutions (most of a CPU step)")
+    vae: bool = option(True, "Use Winograd in the VAE's 3x3 convolutions (large maps, few channels: gains only "
+                       "where the measurement finds them)")
+    tile: str = option("auto", "auto: per convolution shape, measure F.conv2d, F(2,3) and F(4,3) once on this "
+                       "machine and keep the fastest (never slower than F.conv2d). f2/f4/f6 force one tile "
+                       "everywhere (f6: fewest multiplications, largest rounding error)", choices=TILE_CHOICES)
+    filter_cache_mb: int = option(2048, "Memory for transformed filters (F(4,3) filters take 4x the weight). "
+                                  "Layers beyond the budget re-transform their filters on every call", min=0,
+                                  max=65536, step=64)
+    calibration_dir: str = option("", "Folder for the per-machine calibration file (empty: ~/.cache/sdaccel, or "
+                                  "$SDACCEL_CACHE_DIR)")
+
+
+class _Planner:
+    """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd tile/band."""
+
+    def __init__(self, cfg: WinogradConfig, calibration):
+        self.cfg = cfg
+        self.calibration = calibration
+        self.memo: dict = {}
+        self.run: RunContext | None = None
+
+    def __call__(self, layer, shape, dtype, device):
+        key = (id(layer), tuple(shape), dtype, device, layer.filter_cache.used < layer.filter_cache.budget)
+        choice = self.memo.get(key)
+        if choice is None:
+            choice = self._decide(layer, shape, dtype, device)
+            self.memo[key] = choice
+        if self.run is not None:
+            self.run.count("winograd_calls" if choice[0] == "winograd" else "winograd_conv2d_calls")
+        return choice
+
+    def _decide(self, layer, shape, dtype, device):
+        if dtype != torch.float32 and self.cfg.tile == "auto":
+            return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
+        if self.cfg.tile != "auto":
+            return ("winograd", int(self.cfg.tile[1:]), 0)
+        n, c, h, w = shape
+        cached = any(m in layer._filters for m in (2, 4, 6)) or layer.filter_cache.used < layer.filter_cache.budget
+        before = self.calibration.measured_s
+        choice = self.calibration.choose(n, c, layer.out_channels, h, w, layer.pad, dtype, device,
+                                         filters_cached=cached)
+        if self.run is not None and self.calibration.measured_s > before:
+            self.run.count("winograd_calibration_s", round(self.calibration.measured_s - before, 3))
+        return choice
+
+
+@register
+class Winograd(Unit):
+    kind = "winograd"
+    title = "Winograd convolution"
+    stage = Stage.CONV_KERNEL
+    config_cls = WinogradConfig
+    lossless = True
+
+    def examples(self) -> list[WinogradConfig]:
+        return [WinogradConfig(tile="f4"), WinogradConfig(tile="f2", vae=False, filter_cache_mb=0)]
+
+    def check(self, cfg: WinogradConfig, ctx: ApplyContext) -> None:
+        if torch.device(ctx.device).type != "cpu":
+            raise UnavailableError("winograd", "GPU libraries already use Winograd (and better kernels) inside "
+                                   "cuDNN/MPS; this kernel is for CPUs", "leave it off on a GPU")
+
+    def _apply(self, pipe, cfg: WinogradConfig, ctx: ApplyContext, patch) -> None:
+        from ...kernels.adapter import FilterCache, patch_convs
+        from ...kernels.calibrate import Calibration
+
+        calibration = Calibration(cfg.calibration_dir or None)
+        planner = _Planner(cfg, calibration)
+        cache = FilterCache(cfg.filter_cache_mb * 2**20)  # one budget for every patched module
+        patched = []
+        for name in ("unet", "vae"):
+            if getattr(cfg, name) and getattr(pipe, name, None) is not None:
+                patched.append(patch_convs(getattr(pipe, name), planner, cache))
+        for p in reversed(patched):
+            patch.on_remove(p.restore)
+        patch.info.update(planner=planner, patched=patched,
+                          layers=sum(len(p.swaps) for p in patched))
+        log.info("winograd: %d convolutions can switch to Winograd (tile %s)", patch.info["layers"], cfg.tile)
+
+    def run_scope(self, cfg: WinogradConfig, handle, run: RunContext):
+        planner: _Planner = handle.info["planner"]
+
+        @contextmanager
+        def scope():
+            planner.run = run
+            try:
+                yield
+            finally:
+                planner.run = None
+                cache = handle.info["patched"][0].cache if handle.info["patched"] else None
+                if cache is not None:
+                    run.counters["winograd_filter_cache_mb"] = round(cache.used / 2**20, 1)
+
+        return scope()

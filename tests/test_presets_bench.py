@@ -1,0 +1,100 @@
+"""Every benchmark configuration exists as a preset, and bench reports fidelity, calls and compile time."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sdaccel.optim.bench import BenchSettings, format_table, run_bench, write_chart
+from sdaccel.optim.errors import ConfigError
+from sdaccel.optim.metrics import psnr_db, ssim
+from sdaccel.optim.presets import PRESETS, resolve_preset
+from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+
+REQUIRED = ["baseline", "fp16", "bf16", "tf32-off", "sdpa", "sliced-attention", "sub-quadratic-attention", "xformers",
+            "channels-last", "model-offload", "sequential-offload", "group-offload", "staged", "lowvram",
+            "vae-fp16-fix", "tiny-vae", "vae-slicing", "vae-tiling", "freeu", "deepcache", "steps-30", "steps-25",
+            "steps-20", "cfg-cutoff-50", "cfg-cutoff-75", "compile-inductor", "compile-openvino",
+            "refiner-ensemble", "fastest", "under-4gb", "under-6gb", "under-8gb"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_benchmark_configuration_is_a_valid_preset(name):
+    preset = PRESETS[name]
+    spec, request = preset.apply(PipelineSpec.for_model("m.safetensors"), GenerationRequest(prompt="x", steps=50))
+    assert preset.description
+    for kind, _ in preset.optimizations:
+        assert spec.optimization(kind) is not None
+
+
+def test_steps_presets_scale_the_baseline_steps_and_presets_combine():
+    base = GenerationRequest(prompt="x", steps=50)
+    spec = PipelineSpec.for_model("m")
+    assert resolve_preset("steps-30").apply(spec, base)[1].steps == 30
+    assert resolve_preset("steps-20").apply(spec, base.with_(steps=10))[1].steps == 4
+    combo_spec, combo_req = resolve_preset("channels-last+cfg-cutoff-75+steps-25").apply(spec, base)
+    assert combo_spec.optimization("channels_last") is not None
+    assert combo_req.cfg_cutoff == 0.75 and combo_req.steps == 25
+    with pytest.raises(ConfigError, match="unknown preset 'warp-drive'"):
+        resolve_preset("channels-last+warp-drive")
+
+
+def test_fidelity_metrics():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(32, 32, 3, generator=g)
+    assert psnr_db(image, image) == math.inf and ssim(image, image) == pytest.approx(1.0, abs=1e-6)
+    shifted = (image + 0.1).clamp(0, 1)
+    mse = float(((shifted - image) ** 2).mean())
+    assert psnr_db(shifted, image) == pytest.approx(10 * math.log10(1 / mse))
+    noise = torch.rand(32, 32, 3, generator=g)
+    assert ssim(noise, image) < 0.2 < ssim(shifted, image)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    settings = BenchSettings(family="sd15", size=64, steps=4, repeats=2, warmup=1, checkpoint="synthetic-tiny:sd15",
+                             presets=["baseline", "channels-last", "deepcache", "cfg-cutoff-50", "steps-25",
+                                      "model-offload", "xformers", "tf32-off", "refiner-ensemble", "staged"])
+    return run_bench(settings, say=lambda line: None)
+
+
+def test_bench_rows_carry_fidelity_calls_and_stage_times(report):
+    rows = {r["preset"]: r for r in report["rows"]}
+    assert rows["baseline"]["psnr_db"] is None and rows["baseline"]["ssim"] is None
+    assert rows["channels-last"].get("identical_to_baseline") or rows["channels-last"]["psnr_db"] > 60
+    assert rows["deepcache"]["ssim"] is not None and rows["deepcache"]["psnr_db"] is not None
+    assert rows["cfg-cutoff-50"]["unet_calls"] == 4 and rows["steps-25"]["unet_calls"] == 2
+    assert rows["staged"].get("identical_to_baseline")  # staging moves weights, not numbers
+    for row in (r for r in report["rows"] if "median_s" in r):
+        assert set(row["stage_median_s"]) >= {"text_encode", "denoise", "decode"}
+        assert row["compile_s"] == 0.0 and row["speedup"] is not None
+
+
+def test_bench_skips_what_this_machine_cannot_run_with_the_reason(report):
+    rows = {r["preset"]: r for r in report["rows"]}
+    assert "already live in system RAM" in rows["model-offload"]["skipped"]
+    assert "NVIDIA" in rows["xformers"]["skipped"] and "NVIDIA" in rows["tf32-off"]["skipped"]
+    assert "needs an SDXL base" in rows["refiner-ensemble"]["skipped"]
+    table = format_table(report)
+    assert "skipped: " in table and "PSNR dB" in table
+
+
+def test_bench_chart_and_json(report, tmp_path):
+    from PIL import Image
+
+    path = write_chart(report, tmp_path / "chart.png")
+    with Image.open(path) as im:
+        assert im.size[0] > 500
+    json.dumps(report)
+
+
+def test_refiner_ensemble_preset_runs_on_sdxl():
+    settings = BenchSettings(family="sdxl-base", size=64, steps=5, repeats=1, warmup=0,
+                             checkpoint="synthetic-tiny:sdxl-base", refiner="synthetic-tiny:sdxl-refiner",
+                             presets=["baseline", "refiner-ensemble"])
+    rows = run_bench(settings, say=lambda line: None)["rows"]
+    assert rows[1]["preset"] == "refiner-ensemble" and rows[1]["unet_calls"] == 5
+    assert rows[1]["ssim"] is not None

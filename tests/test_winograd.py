@@ -1,0 +1,186 @@
+"""Winograd convolution: exact to fp32 rounding against F.conv2d, reversible, weight-change safe,
+measured per shape once per machine and never chosen where it is slower."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdaccel.kernels.adapter import FilterCache, WinogradConv2d, patch_convs
+from sdaccel.kernels.calibrate import MARGIN, Calibration, best_choice
+from sdaccel.kernels.winograd import (filter_transform, input_transform, input_transform_reference, is_eligible,
+                                      winograd_conv2d)
+
+BOUNDS = {2: 1e-5, 4: 1e-4, 6: 1e-4}  # max |diff| / max |F.conv2d|, fp32
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("n, c, k, h, w, pad", [(2, 8, 5, 16, 16, 1), (1, 3, 4, 13, 7, 1), (2, 16, 16, 9, 11, 0),
+                                                 (1, 4, 6, 5, 5, 1), (1, 32, 8, 3, 3, 1)])
+@pytest.mark.parametrize("band", [None, 1, 3])
+def test_matches_conv2d_to_fp32_rounding(m, n, c, k, h, w, pad, band):
+    g = torch.Generator().manual_seed(m * 100 + h)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(k, c, 3, 3, generator=g) * 0.2
+    bias = torch.randn(k, generator=g)
+    ref = F.conv2d(x, weight, bias, padding=pad)
+    out = winograd_conv2d(x, filter_transform(weight, m), bias, m=m, padding=pad, band_tiles=band)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < BOUNDS[m]
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_gemm_input_transform_equals_the_matrix_definition(m):
+    x = torch.randn(2, 5, 3 * m + 2, 2 * m + 2)
+    torch.testing.assert_close(input_transform(x, m, 3, 2), input_transform_reference(x, m, 3, 2), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_sd_layer_shapes_stay_within_the_error_budget():
+    """Channel counts of SD's UNet/VAE at reduced maps (error depends on channels and tile, not on map size)."""
+    g = torch.Generator().manual_seed(0)
+    for c, k in [(320, 320), (640, 640), (1280, 1280), (2560, 1280), (128, 128), (512, 512), (4, 320)]:
+        x = torch.randn(1, c, 12, 12, generator=g)
+        weight = torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
+        ref = F.conv2d(x, weight, padding=1)
+        for m in (2, 4):
+            assert _rel(winograd_conv2d(x, filter_transform(weight, m), None, m=m, padding=1), ref) < BOUNDS[m]
+
+
+def test_eligibility():
+    assert is_eligible(torch.nn.Conv2d(4, 4, 3, padding=1))
+    assert is_eligible(torch.nn.Conv2d(4, 4, 3, padding=0))
+    for conv in (torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 4, 1),
+                 torch.nn.Conv2d(4, 4, 3, padding=1, groups=2), torch.nn.Conv2d(4, 4, 3, padding=1, dilation=2),
+                 torch.nn.Conv2d(4, 4, 3, padding=2), torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        assert not is_eligible(conv)
+
+
+def _always(m):
+    return lambda layer, shape, dtype, device: ("winograd", m, 0)
+
+
+def test_adapter_shares_parameters_and_restore_puts_the_originals_back():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 3, stride=2))
+    keys = list(net.state_dict())
+    original = net[0]
+    patched = patch_convs(net, _always(4), FilterCache(2**30))
+    assert isinstance(net[0], WinogradConv2d) and isinstance(net[0], torch.nn.Conv2d)
+    assert net[0].weight is original.weight and list(net.state_dict()) == keys
+    assert type(net[2]) is torch.nn.Conv2d  # stride 2: not eligible, untouched
+    x = torch.randn(1, 3, 10, 10)
+    with torch.inference_mode():
+        out = net(x)
+    patched.restore()
+    assert net[0] is original
+    with torch.inference_mode():
+        assert _rel(out, net(x)) < 1e-4
+
+
+def test_filters_are_refreshed_when_the_weight_changes():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    adapter = WinogradConv2d(conv, _always(4), FilterCache(2**30))
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        adapter(x)
+        conv.weight.add_(0.5)  # a LoRA patching the weight in place
+        fresh = adapter(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert _rel(fresh, ref) < 1e-4
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 2)  # a new tensor entirely
+    adapter.weight = conv.weight
+    with torch.no_grad():
+        assert _rel(adapter(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-4
+
+
+def test_filter_cache_budget_bounds_memory():
+    cache = FilterCache(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1))
+    patch_convs(net, _always(2), cache)
+    with torch.inference_mode():
+        net(torch.randn(1, 4, 8, 8))
+    assert cache.used == 0 and cache.peak == 0 and cache.recomputed == 2
+    roomy = FilterCache(2**20)
+    net2 = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))
+    patch_convs(net2, _always(4), roomy)
+    with torch.inference_mode():
+        net2(torch.randn(1, 4, 8, 8))
+    assert roomy.used == 36 * 4 * 4 * 4 and roomy.recomputed == 0
+
+
+def test_best_choice_keeps_conv2d_unless_winograd_is_clearly_faster():
+    assert best_choice({"conv2d": 1.0, "f2b0": 0.99, "f4b0": 0.98}) == ("conv2d", 0, 0)
+    assert best_choice({"conv2d": 1.0, "f2b0": 0.8, "f4b2": 0.5, "filter_transform_f4": 0.01}) == ("winograd", 4, 2)
+    assert best_choice({"conv2d": 1.0, "f2b0": MARGIN}) == ("winograd", 2, 0)
+
+
+def test_calibration_is_measured_once_and_kept_on_disk(tmp_path):
+    first = Calibration(tmp_path, repeats=1)
+    choice = first.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    assert first.measured_shapes == 1 and first.path.exists()
+    second = Calibration(tmp_path, repeats=1)
+    assert second.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu")) == choice
+    assert second.measured_shapes == 0
+    first.path.write_text("{not json", encoding="utf-8")
+    third = Calibration(tmp_path, repeats=1)  # a damaged file is ignored and rebuilt
+    third.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    assert third.measured_shapes == 1 and json.loads(third.path.read_text())["shapes"]
+
+
+def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, tmp_path):
+    from sdaccel.optim.models import ModelRef
+    from sdaccel.optim.sampler import run
+    from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+    from sdaccel.optim.units.winograd import WinogradConfig
+
+    spec = PipelineSpec(model=ModelRef.synthetic("sd15", tiny=True), device="cpu")
+    req = GenerationRequest(prompt="a barn", width=64, height=64, steps=2, seed=3)
+    base = run(spec, req, cache=cache)
+    for tile in ("f2", "f4", "auto"):
+        cfg = WinogradConfig(tile=tile, calibration_dir=str(tmp_path))
+        result = run(spec.with_optimization(cfg), req, cache=cache)
+        torch.testing.assert_close(result.images_tensor, base.images_tensor, rtol=0, atol=2e-4)
+        calls = result.stats.counters
+        assert calls.get("winograd_calls", 0) + calls.get("winograd_conv2d_calls", 0) > 0
+        if tile != "auto":
+            assert calls["winograd_calls"] > 0
+    assert torch.equal(run(spec, req, cache=cache).images_tensor, base.images_tensor)
+
+
+def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
+    from sdaccel.optim.errors import UnavailableError
+    from sdaccel.optim.families import get_family
+    from sdaccel.optim.registry import ApplyContext, apply_all
+    from sdaccel.optim.synthetic import build_pipeline
+    from sdaccel.optim.units.winograd import WinogradConfig, _Planner
+
+    planner = _Planner(WinogradConfig(), Calibration(tmp_path, repeats=1))
+    layer = WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1), planner, FilterCache(2**20))
+    assert planner(layer, torch.Size([1, 8, 32, 32]), torch.bfloat16, torch.device("cpu"))[0] == "conv2d"
+    with pytest.raises(UnavailableError, match="cuDNN"):
+        apply_all(build_pipeline("sd15", tiny=True), [WinogradConfig()],
+                  ApplyContext(device=torch.device("cuda"), family=get_family("sd15")))
+
+
+def test_winograd_bench_reports_every_shape(tmp_path):
+    from sdaccel.optim.winograd_bench import format_winograd_table, run_winograd_bench
+
+    report = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True, say=lambda s: None)
+    rows = report["rows"]
+    assert {r["section"] for r in rows} == {"unet", "vae_decoder"}
+    for row in rows:
+        for key in ("shape", "count", "conv2d_ms", "winograd_ms", "tile", "speedup", "max_rel_err"):
+            assert key in row
+        assert row["winograd_ms"] <= row["conv2d_ms"] and row["max_rel_err"] < 1e-4
+    summary = report["summary"]
+    for key in ("unet_speedup", "vae_decoder_speedup", "unet_step_speedup", "vae_decode_speedup", "max_rel_err"):
+        assert key in summary
+    assert summary["unet_speedup"] >= 1.0 and summary["unet_output_rel_err"] < 1e-3
+    assert "summed over shapes" in format_winograd_table(report)
