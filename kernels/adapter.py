@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .winograd import conv_padding, filter_transform, is_eligible, winograd_conv2d
+from .winograd import conv_padding, filter_bytes, filter_transform, is_eligible, pack_filters, winograd_conv2d
 
 # What to run for an input shape: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
 Choice = tuple[str, int, int]
@@ -29,16 +29,21 @@ def _stamp(weight: torch.Tensor) -> tuple:
 
 
 class FilterCache:
-    """Transformed filters of every patched layer, within a memory budget shared by all of them."""
+    """The memory budget every patched layer's transformed filters share, reserved when a layer is planned.
+
+    Winograd pays only with its filters transformed ahead of time, so a layer that finds no room stays on
+    F.conv2d instead of re-transforming on every call.
+    """
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
         self.used = 0
         self.peak = 0
-        self.recomputed = 0
+        self.refused = 0
 
-    def admit(self, nbytes: int) -> bool:
+    def reserve(self, nbytes: int) -> bool:
         if self.used + nbytes > self.budget:
+            self.refused += 1
             return False
         self.used += nbytes
         self.peak = max(self.peak, self.used)
@@ -64,30 +69,37 @@ class WinogradConv2d(torch.nn.Conv2d):
         object.__setattr__(self, "planner", planner)
         object.__setattr__(self, "filter_cache", cache)
         self.pad = conv_padding(conv)
-        self._filters: dict[int, tuple[tuple, torch.Tensor, bool]] = {}
+        self._filters: dict[int, tuple] = {}  # m -> (weight stamp, U or empty, packed or None)
+        self._reserved: dict[int, int] = {}  # m -> bytes reserved in the shared budget
         self.calls = {"conv2d": 0, "winograd": 0}
 
-    def filters(self, m: int) -> torch.Tensor:
-        """U = G g G^T for tile m, cached (within the shared budget) until the weight changes."""
+    def reserve(self, m: int) -> bool:
+        """Reserve room for this layer's tile-m filters (once per tile); False if the budget is spent."""
+        if m in self._reserved:
+            return True
+        nbytes = filter_bytes(self.out_channels, self.in_channels, m, self.weight.element_size())
+        if not self.filter_cache.reserve(nbytes):
+            return False
+        self._reserved[m] = nbytes
+        return True
+
+    def filters(self, m: int, rows_hint: int) -> tuple[torch.Tensor, list | None]:
+        """(U = G g G^T for tile m, its oneDNN-packed form or None), kept until the weight changes (a LoRA,
+        a dtype or device move). Only the form the products use is kept."""
         stamp = _stamp(self.weight)
         entry = self._filters.get(m)
         if entry is not None and entry[0] == stamp:
-            return entry[1]
-        if entry is not None and entry[2]:
-            self.filter_cache.release(entry[1].numel() * entry[1].element_size())
+            return entry[1], entry[2]
         u = filter_transform(self.weight.detach(), m)
-        cached = self.filter_cache.admit(u.numel() * u.element_size())
-        if cached:
-            self._filters[m] = (stamp, u, True)
-        else:
-            self._filters.pop(m, None)
-            self.filter_cache.recomputed += 1
-        return u
+        packed = pack_filters(u, rows_hint)
+        if m in self._reserved:
+            self._filters[m] = (stamp, u if packed is None else u[:0], packed)
+        return u, packed
 
     def drop_filters(self) -> None:
-        for _, u, cached in self._filters.values():
-            if cached:
-                self.filter_cache.release(u.numel() * u.element_size())
+        for nbytes in self._reserved.values():
+            self.filter_cache.release(nbytes)
+        self._reserved.clear()
         self._filters.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +108,10 @@ class WinogradConv2d(torch.nn.Conv2d):
             self.calls["conv2d"] += 1
             return self._conv_forward(x, self.weight, self.bias)
         self.calls["winograd"] += 1
-        return winograd_conv2d(x, self.filters(m), self.bias, m=m, padding=self.pad, band_tiles=band or None)
+        tiles_w = -(-(x.shape[-1] + 2 * self.pad - 2) // m)
+        tiles_h = -(-(x.shape[-2] + 2 * self.pad - 2) // m)
+        u, packed = self.filters(m, x.shape[0] * (band or tiles_h) * tiles_w)
+        return winograd_conv2d(x, u, self.bias, m=m, padding=self.pad, band_tiles=band or None, packed=packed)
 
 
 @dataclass

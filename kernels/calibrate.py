@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .winograd import filter_transform, winograd_conv2d
+from .winograd import filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.97  # Winograd is chosen only when it takes at most 97% of F.conv2d's time
 DEFAULT_TILES = (2, 4)
-DEFAULT_BANDS = (0, 2, 4, 8)
+DEFAULT_BANDS = (0, 1, 2, 4, 8)
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +49,9 @@ def machine_key() -> str:
 
 
 def shape_key(n: int, c: int, k: int, h: int, w: int, pad: int, dtype: torch.dtype, device: torch.device) -> str:
-    return f"n{n}-c{c}-k{k}-h{h}-w{w}-p{pad}-{str(dtype).replace('torch.', '')}-{torch.device(device).type}"
+    engine = "onednn" if mkldnn_linear_available() else "bmm"
+    return (f"n{n}-c{c}-k{k}-h{h}-w{w}-p{pad}-{str(dtype).replace('torch.', '')}-{torch.device(device).type}"
+            f"-{engine}")
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -73,13 +75,15 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
         results = {"conv2d": _median_time(lambda: F.conv2d(x, weight, bias, padding=pad), repeats)}
         for m in tiles:
             u = filter_transform(weight, m)
-            results[f"filter_transform_f{m}"] = _median_time(lambda: filter_transform(weight, m), 1)
             tiles_h = -(-(h + 2 * pad - 2) // m)
+            tiles_w = -(-(w + 2 * pad - 2) // m)
             for band in bands:
                 if band and band >= tiles_h:  # a band as tall as the image is the whole image
                     continue
+                packed = pack_filters(u, n * (band or tiles_h) * tiles_w)
                 results[f"f{m}b{band}"] = _median_time(
-                    lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None), repeats)
+                    lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None, packed=packed),
+                    repeats)
     return results
 
 
@@ -142,12 +146,6 @@ class Calibration:
                 self.save()
             return entry
 
-    def choose(self, n, c, k, h, w, pad, dtype, device, *, filters_cached: bool = True) -> tuple[str, int, int]:
-        """The fastest way to run this shape; with uncached filters, their transform time counts too."""
-        timings = dict(self.timings(n, c, k, h, w, pad, dtype, device))
-        if not filters_cached:
-            for name in list(timings):
-                if name.startswith("f") and not name.startswith("filter"):
-                    m = int(name[1:name.index("b")])
-                    timings[name] += timings.get(f"filter_transform_f{m}", 0.0)
-        return best_choice(timings)
+    def choose(self, n, c, k, h, w, pad, dtype, device) -> tuple[str, int, int]:
+        """The fastest way to run this shape (F.conv2d unless Winograd wins by the margin)."""
+        return best_choice(self.timings(n, c, k, h, w, pad, dtype, device))

@@ -68,15 +68,22 @@ def conv_padding(conv: torch.nn.Conv2d) -> int:
 
 
 def filter_transform(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """U = G g G^T for every (out, in) filter: [K, C, 3, 3] -> [a*a, K, C] (a = m + 2), ready for bmm.
+    """U = G g G^T for every (out, in) filter: [K, C, 3, 3] -> [a*a, K, C] (a = m + 2), ready for the products.
 
-    Computed in float64 and rounded once, so the transformed filter carries no extra error.
+    Two small matrix products in the weight's own dtype (fast enough to redo when a LoRA changes the weight);
+    the extra rounding is far below the Winograd error itself.
     """
     _, g, _ = MATRICES[m]
-    gm = _matrix(g, torch.float64, weight.device)
-    u = torch.einsum("ij,kcjl,ml->imkc", gm, weight.to(torch.float64), gm)
+    gm = _matrix(g, weight.dtype, weight.device)
+    k, c = weight.shape[:2]
+    u = torch.matmul(torch.matmul(gm, weight.reshape(k * c, 3, 3)), gm.t())  # [K*C, a, a]
     a = m + 2
-    return u.reshape(a * a, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+    return u.reshape(k, c, a * a).permute(2, 0, 1).contiguous()
+
+
+def filter_bytes(k: int, c: int, m: int, element_size: int = 4) -> int:
+    """Memory one layer's transformed filters take for tile m (4x the weight for F(4,3), 1.8x for F(2,3))."""
+    return (m + 2) ** 2 * k * c * element_size
 
 
 def _combine(parts, coeffs) -> torch.Tensor:
@@ -113,30 +120,31 @@ def transforms(m: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TRANSFORMS[key]
 
 
-def input_transform(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """V = B^T d B for every tile of the padded input x [N, C, Hp, Wp] -> [a*a, C, N*tiles_h*tiles_w].
+def input_transform(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int, row0: int = 0) -> torch.Tensor:
+    """V = B^T d B for `tiles_h` tile rows (from tile row `row0`) of the padded input x [N, C, Hp, Wp].
 
-    The (m+2)^2 strided tile positions are gathered once into a channel-major buffer, then one GEMM with
-    B^T kron B^T transforms every tile at BLAS speed (the transform matrix is tiny; the data pass dominates).
+    Returns [a*a, P, C] (P = N*tiles_h*tiles_w tiles, channels last): the (m+2)^2 strided tile positions
+    are gathered once into a channel-minor buffer, then one GEMM with B^T kron B^T transforms every tile
+    (the matrix is tiny; the pass over the data dominates). Works on NCHW and NHWC inputs alike.
     """
     a = m + 2
     n, c = x.shape[:2]
-    d = torch.empty(a, a, c, n, tiles_h, tiles_w, dtype=x.dtype, device=x.device)
+    src = x.permute(0, 2, 3, 1)  # [N, Hp, Wp, C] view; contiguous when x is channels-last
+    d = torch.empty(a, a, n, tiles_h, tiles_w, c, dtype=x.dtype, device=x.device)
+    top = row0 * m
     for i in range(a):
-        rows = x[:, :, i: i + (tiles_h - 1) * m + 1: m, :]
+        rows = src[:, top + i: top + i + (tiles_h - 1) * m + 1: m]
         for j in range(a):
-            d[i, j].copy_(rows[..., j: j + (tiles_w - 1) * m + 1: m].transpose(0, 1))
+            d[i, j].copy_(rows[:, :, j: j + (tiles_w - 1) * m + 1: m])
     bb, _ = transforms(m, x.dtype, x.device)
-    return torch.mm(bb, d.view(a * a, -1)).view(a * a, c, n * tiles_h * tiles_w)
+    return torch.mm(bb, d.view(a * a, -1)).view(a * a, n * tiles_h * tiles_w, c)
 
 
-def output_transform(mm: torch.Tensor, m: int, n: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """Y = A^T M A: [a*a, K, N*th*tw] -> [N, K, th*m, tw*m], one GEMM with A^T kron A^T, then tiles scattered."""
+def output_transform(mm: torch.Tensor, m: int) -> torch.Tensor:
+    """Y = A^T M A for every tile: [a*a, P, K] -> [m*m, P, K] (one GEMM with A^T kron A^T)."""
     a = m + 2
-    k = mm.shape[1]
     _, aa = transforms(m, mm.dtype, mm.device)
-    y = torch.mm(aa, mm.view(a * a, -1)).view(m, m, k, n, tiles_h, tiles_w)
-    return y.permute(3, 2, 4, 0, 5, 1).reshape(n, k, tiles_h * m, tiles_w * m)
+    return torch.mm(aa, mm.reshape(a * a, -1)).view(m * m, mm.shape[1], mm.shape[2])
 
 
 def input_transform_reference(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
@@ -146,16 +154,55 @@ def input_transform_reference(x: torch.Tensor, m: int, tiles_h: int, tiles_w: in
     n, c = x.shape[:2]
     sn, sc, sh, sw = x.stride()
     tiles = x.as_strided((n, c, tiles_h, tiles_w, a, a), (sn, sc, sh * m, sw * m, sh, sw)).to(torch.float64)
-    v = torch.einsum("ij,nctujk,lk->ilcntu", bt, tiles, bt)
-    return v.reshape(a * a, c, n * tiles_h * tiles_w).to(x.dtype)
+    v = torch.einsum("ij,nctujk,lk->ilntuc", bt, tiles, bt)
+    return v.reshape(a * a, n * tiles_h * tiles_w, c).to(x.dtype)
+
+
+_MKLDNN_LINEAR: list = []
+
+
+def mkldnn_linear_available() -> bool:
+    """Whether oneDNN's packed-weight linear is usable: on CPUs where PyTorch's BLAS takes a slower path (e.g. MKL
+    on AMD runs AVX2 code), it runs the Winograd products at about twice the speed of torch.bmm."""
+    if not _MKLDNN_LINEAR:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                w = torch.randn(4, 3)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+                out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), packed, None, "none", [], "")
+                ok = bool(torch.allclose(out, torch.ones(2, 3) @ w.t(), atol=1e-5))
+        except (RuntimeError, AttributeError):
+            ok = False
+        _MKLDNN_LINEAR.append(ok)
+    return _MKLDNN_LINEAR[0]
+
+
+def pack_filters(u: torch.Tensor, rows_hint: int) -> list | None:
+    """oneDNN-packed copies of each tile position's [K, C] filter matrix, or None where unsupported."""
+    if u.device.type != "cpu" or u.dtype != torch.float32 or not mkldnn_linear_available():
+        return None
+    return [torch.ops.mkldnn._reorder_linear_weight(u[i].contiguous(), rows_hint) for i in range(u.shape[0])]
+
+
+def _products(v: torch.Tensor, u: torch.Tensor, packed: list | None) -> torch.Tensor:
+    """M[xi] = V[xi] @ U[xi]^T for every tile position: [a*a, P, C] x [a*a, K, C] -> [a*a, P, K]."""
+    if packed is not None:
+        return torch.stack([torch.ops.mkldnn._linear_pointwise(v[i], packed[i], None, "none", [], "")
+                            for i in range(v.shape[0])])
+    return torch.bmm(v, u.transpose(1, 2))
 
 
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, *, m: int, padding: int,
-                    band_tiles: int | None = None) -> torch.Tensor:
+                    band_tiles: int | None = None, packed: list | None = None) -> torch.Tensor:
     """3x3 stride-1 convolution of x [N, C, H, W] with pre-transformed filters u (from `filter_transform`).
 
     `band_tiles` processes the image in horizontal bands of that many tile rows, so the transformed
-    input and product of one band stay cache-sized (what makes Winograd pay on large, thin layers).
+    input and products of one band stay cache-sized (what makes Winograd pay on large, thin layers).
+    Bands run one after another: running them on a Python thread pool won 10-20% per layer in
+    isolation but lost it all (SD1.5 UNet step 1.19x -> 1.05x) inside a whole model, where the pool
+    fights OpenMP's spinning workers. `packed` (from `pack_filters`) runs the products through oneDNN.
+    A channels-last input gives a channels-last output.
     """
     n, c, h, w = x.shape
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
@@ -163,18 +210,21 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     hp, wp = tiles_h * m + 2, tiles_w * m + 2
     xp = F.pad(x, (padding, wp - w - padding, padding, hp - h - padding))
     k = u.shape[1]
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty(n, ho, wo, k, dtype=x.dtype, device=x.device) if nhwc else \
+        torch.empty(n, k, ho, wo, dtype=x.dtype, device=x.device)
     band = tiles_h if not band_tiles else max(1, min(band_tiles, tiles_h))
-    if band >= tiles_h:
-        v = input_transform(xp, m, tiles_h, tiles_w)
-        y = output_transform(torch.bmm(u, v), m, n, tiles_h, tiles_w)
-    else:
-        y = torch.empty(n, k, tiles_h * m, tiles_w * m, dtype=x.dtype, device=x.device)
-        for t0 in range(0, tiles_h, band):
-            tb = min(band, tiles_h - t0)
-            xb = xp[:, :, t0 * m: t0 * m + tb * m + 2, :]
-            v = input_transform(xb, m, tb, tiles_w)
-            y[:, :, t0 * m:(t0 + tb) * m, :] = output_transform(torch.bmm(u, v), m, n, tb, tiles_w)
-    y = y[:, :, :ho, :wo]
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
-    return y.contiguous()
+    for t0 in range(0, tiles_h, band):
+        tb = min(band, tiles_h - t0)
+        y = output_transform(_products(input_transform(xp, m, tb, tiles_w, t0), u, packed), m)
+        if bias is not None:
+            y.add_(bias)
+        rows = min(tb * m, ho - t0 * m)
+        y = y.view(m, m, n, tb, tiles_w, k)
+        if nhwc:  # [n, tb, m, tw, m, k] -> rows of the NHWC output
+            block = y.permute(2, 3, 0, 4, 1, 5).reshape(n, tb * m, tiles_w * m, k)
+            out[:, t0 * m: t0 * m + rows].copy_(block[:, :rows, :wo])
+        else:  # [n, k, tb, m, tw, m] -> rows of the NCHW output
+            block = y.permute(2, 5, 3, 0, 4, 1).reshape(n, k, tb * m, tiles_w * m)
+            out[:, :, t0 * m: t0 * m + rows].copy_(block[:, :, :rows, :wo])
+    return out.permute(0, 3, 1, 2) if nhwc else out

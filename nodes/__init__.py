@@ -1,5 +1,37 @@
-"""ComfyUI nodes over the engine. The node classes arrive with the ComfyUI front-end; until then the
-pack registers none, so ComfyUI loads it without adding anything to its menus."""
+"""ComfyUI nodes over the engine: a loader, one toggle per optimization unit, the CFG cutoff, the samplers
+and the SDXL refiner ensemble. Node ids are forever (`SDAccel...`), categories live under `sdaccel/`.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Only class definitions happen at import; ComfyUI modules are imported lazily (`host.py`), so this
+package imports and its nodes run without ComfyUI.
+"""
+
+from .ensemble import SDAccelRefinerEnsemble
+from .generation import engine_cache
+from .host import register_routes
+from .loader import SDAccelLoader
+from .sampler import SDAccelSampler, SDAccelSamplerImg2Img
+from .toggles import SDAccelCFGCutoff, display_name, toggle_nodes
+
+_TOGGLES = toggle_nodes()
+
+NODE_CLASS_MAPPINGS: dict = {
+    "SDAccelLoader": SDAccelLoader,
+    **_TOGGLES,
+    "SDAccelCFGCutoff": SDAccelCFGCutoff,
+    "SDAccelRefinerEnsemble": SDAccelRefinerEnsemble,
+    "SDAccelSampler": SDAccelSampler,
+    "SDAccelSamplerImg2Img": SDAccelSamplerImg2Img,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS: dict = {
+    "SDAccelLoader": "SDAccel Load Checkpoint",
+    **{node_id: display_name(cls) for node_id, cls in _TOGGLES.items()},
+    "SDAccelCFGCutoff": "SDAccel CFG Cutoff",
+    "SDAccelRefinerEnsemble": "SDAccel SDXL Refiner Ensemble",
+    "SDAccelSampler": "SDAccel Sampler",
+    "SDAccelSamplerImg2Img": "SDAccel Sampler (img2img)",
+}
+
+register_routes(engine_cache)  # only inside ComfyUI: adds GET /sdaccel/pipelines
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

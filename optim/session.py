@@ -112,6 +112,15 @@ class PipelineCache:
             return self._prepare(spec, strict)
 
     def _prepare(self, spec: PipelineSpec, strict: bool) -> PreparedPipeline:
+        # Hosts such as ComfyUI call us under torch.inference_mode(); weights loaded or cast there would become
+        # inference tensors (no version counters, read-only outside inference mode), which breaks in-place
+        # weight edits and frozen compiles. Loading and applying always happens in normal mode.
+        import torch
+
+        with torch.inference_mode(False):
+            return self._prepare_normal_mode(spec, strict)
+
+    def _prepare_normal_mode(self, spec: PipelineSpec, strict: bool) -> PreparedPipeline:
         start = time.perf_counter()
         device = resolve_device(spec.device)
         key = spec.model.identity()
@@ -176,6 +185,15 @@ class PipelineCache:
 
     def entries(self) -> list[PreparedPipeline]:
         return list(self._entries.values())
+
+    def release(self, entry: PreparedPipeline) -> bool:
+        """Drop this very entry (found by identity, so a file changed on disk since loading is no obstacle)."""
+        with self._lock:
+            for key, candidate in list(self._entries.items()):
+                if candidate is entry:
+                    self._drop(key)
+                    return True
+            return False
 
     def evict(self, spec_or_model) -> bool:
         """Drop the entry of a spec or ModelRef; True if there was one."""

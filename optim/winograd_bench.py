@@ -45,7 +45,7 @@ def collect_shapes(module: torch.nn.Module, call: Callable[[], object]) -> Count
 
 def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1) -> float:
     """max |winograd - conv2d| / max |conv2d| on random data for one shape and tile."""
-    from ..kernels.winograd import filter_transform, winograd_conv2d
+    from ..kernels.winograd import filter_transform, pack_filters, winograd_conv2d
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
@@ -53,7 +53,8 @@ def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1) -> float:
     bias = torch.randn(k, generator=g) * 0.1
     with torch.inference_mode():
         ref = F.conv2d(x, weight, bias, padding=pad)
-        out = winograd_conv2d(x, filter_transform(weight, m), bias, m=m, padding=pad)
+        u = filter_transform(weight, m)
+        out = winograd_conv2d(x, u, bias, m=m, padding=pad, packed=pack_filters(u, 64))
     return float((out - ref).abs().max() / ref.abs().max())
 
 

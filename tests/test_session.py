@@ -128,3 +128,15 @@ def test_evict_and_clear(checkpoints, cache):
     cache.prepare(spec)
     cache.clear()
     assert len(cache) == 0
+
+
+def test_loading_under_inference_mode_gives_normal_tensors(checkpoints, cache):
+    """Hosts call the engine inside torch.inference_mode(); the cached weights must stay ordinary tensors."""
+    spec = PipelineSpec(model=checkpoints.get("sd15")).with_optimization(ChannelsLastConfig())
+    with torch.inference_mode():
+        prepared = cache.prepare(spec)
+    weight = prepared.pipe.unet.conv_in.weight
+    assert not weight.is_inference()
+    with torch.no_grad():
+        weight.add_(0.0)  # an in-place weight edit (e.g. a LoRA) outside inference mode works
+    assert cache.release(prepared) and len(cache) == 0 and not cache.release(prepared)

@@ -64,7 +64,8 @@ def test_eligibility():
 
 
 def _always(m):
-    return lambda layer, shape, dtype, device: ("winograd", m, 0)
+    """A planner that wants tile m everywhere, within the filter budget."""
+    return lambda layer, shape, dtype, device: ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
 
 
 def test_adapter_shares_parameters_and_restore_puts_the_originals_back():
@@ -100,19 +101,23 @@ def test_filters_are_refreshed_when_the_weight_changes():
         assert _rel(adapter(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-4
 
 
-def test_filter_cache_budget_bounds_memory():
+def test_filter_budget_bounds_memory_and_layers_without_room_stay_on_conv2d():
     cache = FilterCache(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1))
     patch_convs(net, _always(2), cache)
     with torch.inference_mode():
         net(torch.randn(1, 4, 8, 8))
-    assert cache.used == 0 and cache.peak == 0 and cache.recomputed == 2
+    assert cache.used == 0 and cache.peak == 0 and cache.refused == 2
+    assert [layer.calls for layer in net] == [{"conv2d": 1, "winograd": 0}] * 2
     roomy = FilterCache(2**20)
     net2 = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))
-    patch_convs(net2, _always(4), roomy)
+    patched = patch_convs(net2, _always(4), roomy)
     with torch.inference_mode():
         net2(torch.randn(1, 4, 8, 8))
-    assert roomy.used == 36 * 4 * 4 * 4 and roomy.recomputed == 0
+        net2(torch.randn(1, 4, 8, 8))
+    assert roomy.used == 36 * 4 * 4 * 4 and net2[0].calls == {"conv2d": 0, "winograd": 2}
+    patched.restore()
+    assert roomy.used == 0
 
 
 def test_best_choice_keeps_conv2d_unless_winograd_is_clearly_faster():
@@ -184,3 +189,24 @@ def test_winograd_bench_reports_every_shape(tmp_path):
         assert key in summary
     assert summary["unet_speedup"] >= 1.0 and summary["unet_output_rel_err"] < 1e-3
     assert "summed over shapes" in format_winograd_table(report)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_channels_last_in_channels_last_out_and_onednn_products_match(m):
+    from sdaccel.kernels.winograd import mkldnn_linear_available, pack_filters
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 14, 10, generator=g)
+    weight = torch.randn(16, 24, 3, 3, generator=g) / 15
+    bias = torch.randn(16, generator=g)
+    ref = F.conv2d(x, weight, bias, padding=1)
+    u = filter_transform(weight, m)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    out = winograd_conv2d(xcl, u, bias, m=m, padding=1, band_tiles=2)
+    assert out.is_contiguous(memory_format=torch.channels_last) and _rel(out, ref) < BOUNDS[m]
+    packed = pack_filters(u, 32)
+    if mkldnn_linear_available():
+        assert packed is not None
+        assert _rel(winograd_conv2d(x, u, bias, m=m, padding=1, packed=packed), ref) < BOUNDS[m]
+    else:
+        assert packed is None

@@ -37,9 +37,10 @@ class WinogradConfig(OptimizationConfig):
     tile: str = option("auto", "auto: per convolution shape, measure F.conv2d, F(2,3) and F(4,3) once on this "
                        "machine and keep the fastest (never slower than F.conv2d). f2/f4/f6 force one tile "
                        "everywhere (f6: fewest multiplications, largest rounding error)", choices=TILE_CHOICES)
-    filter_cache_mb: int = option(2048, "Memory for transformed filters (F(4,3) filters take 4x the weight). "
-                                  "Layers beyond the budget re-transform their filters on every call", min=0,
-                                  max=65536, step=64)
+    filter_cache_mb: int = option(0, "Memory for transformed filters (F(4,3) filters take 4x the layer's weight, "
+                                  "F(2,3) 1.8x). Layers that find no room stay on F.conv2d. 0 = auto: 30% of RAM, "
+                                  "at most 8 GiB (all of SD1.5's UNet fits in about 7 GiB)", min=0, max=262144,
+                                  step=64)
     calibration_dir: str = option("", "Folder for the per-machine calibration file (empty: ~/.cache/sdaccel, or "
                                   "$SDACCEL_CACHE_DIR)")
 
@@ -54,7 +55,7 @@ class _Planner:
         self.run: RunContext | None = None
 
     def __call__(self, layer, shape, dtype, device):
-        key = (id(layer), tuple(shape), dtype, device, layer.filter_cache.used < layer.filter_cache.budget)
+        key = (id(layer), tuple(shape), dtype, device)
         choice = self.memo.get(key)
         if choice is None:
             choice = self._decide(layer, shape, dtype, device)
@@ -67,15 +68,41 @@ class _Planner:
         if dtype != torch.float32 and self.cfg.tile == "auto":
             return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
         if self.cfg.tile != "auto":
-            return ("winograd", int(self.cfg.tile[1:]), 0)
+            m = int(self.cfg.tile[1:])
+            return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
         n, c, h, w = shape
-        cached = any(m in layer._filters for m in (2, 4, 6)) or layer.filter_cache.used < layer.filter_cache.budget
         before = self.calibration.measured_s
-        choice = self.calibration.choose(n, c, layer.out_channels, h, w, layer.pad, dtype, device,
-                                         filters_cached=cached)
+        timings = self.calibration.timings(n, c, layer.out_channels, h, w, layer.pad, dtype, device)
         if self.run is not None and self.calibration.measured_s > before:
             self.run.count("winograd_calibration_s", round(self.calibration.measured_s - before, 3))
-        return choice
+        # fastest first; a tile whose filters find no room in the budget falls to the next candidate
+        for kind, m, band in _ranked(timings):
+            if kind == "conv2d" or layer.reserve(m):
+                return (kind, m, band)
+        return ("conv2d", 0, 0)
+
+
+def _ranked(timings: dict) -> list:
+    """Candidates faster than F.conv2d by the margin, fastest first, then F.conv2d."""
+    from ...kernels.calibrate import MARGIN
+
+    base = timings["conv2d"]
+    ranked = []
+    for name, t in timings.items():
+        if name.startswith("f") and not name.startswith("filter") and t <= base * MARGIN:
+            ranked.append((t, ("winograd", int(name[1:name.index("b")]), int(name[name.index("b") + 1:]))))
+    return [c for _, c in sorted(ranked)] + [("conv2d", 0, 0)]
+
+
+def default_filter_budget_mb() -> int:
+    """30% of physical memory, at most 8 GiB: enough for every SD1.5 UNet layer's F(4,3) filters on 24 GB."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return int(min(8 * 2**30, total * 0.3) // 2**20)
 
 
 @register
@@ -87,7 +114,7 @@ class Winograd(Unit):
     lossless = True
 
     def examples(self) -> list[WinogradConfig]:
-        return [WinogradConfig(tile="f4"), WinogradConfig(tile="f2", vae=False, filter_cache_mb=0)]
+        return [WinogradConfig(tile="f4"), WinogradConfig(tile="f2", vae=False, filter_cache_mb=64)]
 
     def check(self, cfg: WinogradConfig, ctx: ApplyContext) -> None:
         if torch.device(ctx.device).type != "cpu":
@@ -100,7 +127,7 @@ class Winograd(Unit):
 
         calibration = Calibration(cfg.calibration_dir or None)
         planner = _Planner(cfg, calibration)
-        cache = FilterCache(cfg.filter_cache_mb * 2**20)  # one budget for every patched module
+        cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)  # shared by every module
         patched = []
         for name in ("unet", "vae"):
             if getattr(cfg, name) and getattr(pipe, name, None) is not None:

@@ -1,0 +1,272 @@
+"""Builds the shipped ComfyUI example workflows (`example_workflows/*.json`) from the bench presets.
+
+Each workflow is the graph form of one `bench --preset NAME`: a loader, one toggle node per optimization
+the preset adds (with the preset's field values over the engine defaults), the CFG cutoff when the
+preset sets it, a sampler with the preset's step count, a Save Image node and a note saying what it
+shows. Widget values are laid out from the nodes' own INPUT_TYPES, so the files cannot drift from the
+nodes; `tests/test_comfy_workflows.py` checks that the shipped files equal this output.
+
+    python tests/comfy_examples.py          # rewrite example_workflows/
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "example_workflows"
+
+BASELINE_STEPS = 50  # the study's baseline; step presets scale it (steps-30 = 30 of 50)
+SEED = 42
+PROMPT = "a lighthouse on a cliff at dawn, soft light, detailed, sharp focus"
+NEGATIVE = "blurry, low quality, watermark"
+TAIYI_PROMPT = "长城, 清晨, 朦胧, 唯美, 插画"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A checkpoint a workflow names in its loader, and the files its VAE toggles name."""
+
+    ckpt_name: str
+    family: str  # what the tests load in its place (tiny random weights)
+    size: int
+    cfg: float
+    hint: str
+    tiny_vae: str = ""
+    fp16_fix_vae: str = ""
+
+
+SD15 = Model("v1-5-pruned-emaonly.safetensors", "sd15", 512, 7.0, "any SD 1.x checkpoint (or SD 2.x / SDXL: set "
+             "the size to its native one)", tiny_vae="taesd_decoder.pth")
+SDXL = Model("sd_xl_base_1.0.safetensors", "sdxl-base", 1024, 5.0, "an SDXL base checkpoint",
+             tiny_vae="taesdxl_decoder.pth", fp16_fix_vae="sdxl_vae_fp16_fix.safetensors")
+SDXL_REFINER = Model("sd_xl_refiner_1.0.safetensors", "sdxl-refiner", 1024, 5.0, "the SDXL refiner")
+TAIYI = Model("diffusers/Taiyi-Stable-Diffusion-1B-Chinese-v0.1", "taiyi", 512, 7.0,
+              "Taiyi-Stable-Diffusion-1B-Chinese-v0.1 (a diffusers folder in models/diffusers, or a single file)")
+MODELS = {m.ckpt_name: m for m in (SD15, SDXL, SDXL_REFINER, TAIYI)}
+
+_SDXL_PRESETS = {"vae-fp16-fix", "refiner-ensemble"}  # presets that only make sense on SDXL
+_VAE_FILE_HINT = {"taesd_decoder.pth": "taesd_decoder.pth (+ taesd_encoder.pth) from github.com/madebyollin/taesd "
+                  "in models/vae_approx",
+                  "taesdxl_decoder.pth": "taesdxl_decoder.pth (+ taesdxl_encoder.pth) from github.com/madebyollin/"
+                  "taesd in models/vae_approx",
+                  "sdxl_vae_fp16_fix.safetensors": "the fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix, saved as "
+                  "sdxl_vae_fp16_fix.safetensors) in models/vae"}
+_FALLBACK_NOTE = ("Options this machine cannot run (CUDA-only ones on a CPU, say) fall back and are named in the "
+                  "stats notes under the sampler.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One example workflow: which preset (or unit) it reproduces and how."""
+
+    name: str
+    title: str
+    description: str
+    model: Model
+    optimizations: tuple  # (kind, {field: value}) in the preset's order
+    request: dict
+    steps: int
+    ensemble: bool = False
+    prompt: str = PROMPT
+    negative: str = NEGATIVE
+    reproduces: str = ""
+
+
+def _for_users(description: str) -> str:
+    """A preset description without its benchmark-only remarks (workflows use real weights)."""
+    return re.sub(r"\s*\([^()]*random weights[^()]*\)", "", description)
+
+
+def plans() -> list[Plan]:
+    """Every example workflow: one per bench preset, one per unit no preset uses, and the Taiyi one."""
+    from sdaccel.optim.presets import PRESETS
+    from sdaccel.optim.registry import all_units
+
+    out = [Plan("baseline", "Baseline", PRESETS["baseline"].description, SD15, (), {}, BASELINE_STEPS,
+                reproduces="bench --preset baseline")]
+    for name, preset in PRESETS.items():
+        if name == "baseline":
+            continue
+        steps = BASELINE_STEPS if preset.steps_scale is None else max(1, round(BASELINE_STEPS * preset.steps_scale))
+        model = SDXL if name in _SDXL_PRESETS else SD15
+        out.append(Plan(name, name, _for_users(preset.description), model, tuple(preset.optimizations),
+                        dict(preset.request), steps, ensemble=preset.runner == "ensemble",
+                        reproduces=f"bench --preset {name}"))
+    used = {kind for plan in out for kind, _ in plan.optimizations}
+    for kind, unit in all_units().items():
+        if kind not in used and kind != "precision":
+            out.append(Plan(kind.replace("_", "-"), unit.title, " ".join((unit.config_cls.__doc__ or "").split()),
+                            SD15, ((kind, {}),), {}, BASELINE_STEPS,
+                            reproduces=f"the {unit.title} unit at its defaults (no bench preset yet)"))
+    out.append(Plan("taiyi-chinese-prompt", "Taiyi, Chinese prompt", "Taiyi Stable Diffusion (Chinese BERT text "
+                    "encoder, SD1 UNet) with a Chinese prompt; every SDAccel toggle works on it as on SD 1.5",
+                    TAIYI, (), {}, BASELINE_STEPS, prompt=TAIYI_PROMPT, negative="",
+                    reproduces="generate --checkpoint taiyi --prompt '" + TAIYI_PROMPT + "'"))
+    return out
+
+
+class _Graph:
+    """Accumulates nodes and links in ComfyUI's UI (LiteGraph) workflow format."""
+
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, widgets_values: list, *, pos, size, inputs=(), outputs=(), title=None,
+            extra=None) -> int:
+        node_id = len(self.nodes) + 1
+        node = {"id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+                "order": len(self.nodes), "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+                "properties": {"Node name for S&R": node_type}, "widgets_values": widgets_values}
+        if title:
+            node["title"] = title
+        node.update(extra or {})
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, src: int, src_slot: int, dst: int, dst_slot: int) -> None:
+        link_id = len(self.links) + 1
+        out = self.nodes[src - 1]["outputs"][src_slot]
+        inp = self.nodes[dst - 1]["inputs"][dst_slot]
+        out["links"].append(link_id)
+        inp["link"] = link_id
+        self.links.append([link_id, src, src_slot, dst, dst_slot, out["type"]])
+
+    def workflow(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def widget_values(node_cls, values: dict) -> list:
+    """widgets_values in the order ComfyUI's frontend lays them out (a control value after seed widgets)."""
+    from comfy_runner import widget_inputs
+
+    out = []
+    for name, spec, has_control in widget_inputs(node_cls.INPUT_TYPES()):
+        out.append(values[name] if name in values else spec[1].get("default"))
+        if has_control:
+            out.append("fixed")
+    return out
+
+
+def _links_in(node_cls) -> list[tuple[str, str]]:
+    from comfy_runner import link_inputs
+
+    return [(name, spec[0]) for name, spec in link_inputs(node_cls.INPUT_TYPES())]
+
+
+def _outputs(node_cls) -> list[tuple[str, str]]:
+    names = getattr(node_cls, "RETURN_NAMES", None) or node_cls.RETURN_TYPES
+    return list(zip(names, node_cls.RETURN_TYPES))
+
+
+def _loader(graph: _Graph, mappings, model: Model, pos, title=None) -> int:
+    cls = mappings["SDAccelLoader"]
+    return graph.add("SDAccelLoader", widget_values(cls, {"ckpt_name": model.ckpt_name}), pos=pos, size=(340, 200),
+                     outputs=_outputs(cls), title=title)
+
+
+def user_values(kind: str, fields: dict, model: Model) -> dict:
+    """A preset's fields as a user's workflow holds them (benchmark-only random weights become files)."""
+    values = dict(fields)
+    if kind == "vae" and values.get("path") == "synthetic":  # benchmarks use random weights; users bring files
+        values["path"] = model.tiny_vae if values.get("variant") == "tiny" else model.fp16_fix_vae
+    return values
+
+
+def build(plan: Plan) -> dict:
+    """The UI-format workflow for one plan."""
+    from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
+    from sdaccel.nodes.toggles import node_id
+    from sdaccel.optim.registry import all_units
+
+    graph = _Graph()
+    x, y = 40, 240
+    pipe = _loader(graph, mappings, plan.model, (x, y), title="Base model" if plan.ensemble else None)
+    if plan.ensemble:
+        refiner = _loader(graph, mappings, SDXL_REFINER, (x, y + 260), title="Refiner model")
+        x += 380
+        cls = mappings["SDAccelRefinerEnsemble"]
+        ensemble = graph.add("SDAccelRefinerEnsemble", widget_values(cls, {"switch_at": 0.9}), pos=(x, y),
+                             size=(320, 100), inputs=_links_in(cls), outputs=_outputs(cls))
+        graph.link(pipe, 0, ensemble, 0)
+        graph.link(refiner, 0, ensemble, 1)
+        pipe = ensemble
+    order = list(all_units())
+    vae_files = []
+    for kind, fields in sorted(plan.optimizations, key=lambda kv: order.index(kv[0])):
+        cls = mappings[node_id(kind)]
+        values = user_values(kind, fields, plan.model)
+        if kind == "vae" and values.get("path"):
+            vae_files.append(values["path"])
+        x += 380
+        toggle = graph.add(node_id(kind), widget_values(cls, values), pos=(x, y),
+                           size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
+                           outputs=_outputs(cls))
+        graph.link(pipe, 0, toggle, 0)
+        pipe = toggle
+    if plan.request:
+        cls = mappings["SDAccelCFGCutoff"]
+        x += 380
+        cutoff = graph.add("SDAccelCFGCutoff", widget_values(cls, plan.request), pos=(x, y), size=(340, 110),
+                           inputs=_links_in(cls), outputs=_outputs(cls))
+        graph.link(pipe, 0, cutoff, 0)
+        pipe = cutoff
+    cls = mappings["SDAccelSampler"]
+    x += 380
+    sampler_values = {"prompt": plan.prompt, "negative_prompt": plan.negative, "width": plan.model.size,
+                      "height": plan.model.size, "steps": plan.steps, "cfg": plan.model.cfg, "seed": SEED}
+    sampler = graph.add("SDAccelSampler", widget_values(cls, sampler_values), pos=(x, y), size=(400, 440),
+                        inputs=_links_in(cls), outputs=_outputs(cls))
+    graph.link(pipe, 0, sampler, 0)
+    save = graph.add("SaveImage", [f"sdaccel/{plan.name}"], pos=(x + 440, y), size=(400, 440),
+                     inputs=[("images", "IMAGE")])
+    graph.link(sampler, 0, save, 0)
+    graph.add("Note", [note_text(plan, vae_files)], pos=(40, 20), size=(720, 180),
+              extra={"color": "#432", "bgcolor": "#653"})
+    return graph.workflow()
+
+
+def note_text(plan: Plan, vae_files: list[str]) -> str:
+    if plan.ensemble:
+        pick = f"{plan.model.hint} in the base loader and {SDXL_REFINER.hint} in the refiner loader"
+    else:
+        pick = f"{plan.model.hint} in the loader"
+    lines = [f"SDAccel: {plan.title}", "", plan.description.rstrip(".") + ".", "",
+             f"Reproduces `python -m sdaccel {plan.reproduces}` as a graph ({plan.steps} steps, "
+             f"{plan.model.size}x{plan.model.size}, CFG {plan.model.cfg}).",
+             f"To run: pick {pick}" + (f"; needs {', '.join(_VAE_FILE_HINT[f] for f in vae_files)}" if vae_files
+                                       else "") + ".",
+             "After a run the sampler shows time, it/s, peak memory and the active toggles; compare them with the "
+             "baseline workflow. " + _FALLBACK_NOTE]
+    return "\n".join(lines)
+
+
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    OUT_DIR.mkdir(exist_ok=True)
+    wanted = set()
+    for plan in plans():
+        path = OUT_DIR / f"{plan.name}.json"
+        path.write_text(dumps(build(plan)), encoding="utf-8")
+        wanted.add(path.name)
+    for stale in OUT_DIR.glob("*.json"):
+        if stale.name not in wanted:
+            stale.unlink()
+    print(f"wrote {len(wanted)} workflows to {OUT_DIR}")
+
+
+if __name__ == "__main__":
+    main()
