@@ -147,7 +147,7 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
         say("timing the whole UNet step and VAE decode, plain and with Winograd ...")
         plain_unet = _median_time(unet_step, repeats)
         plain_vae = _median_time(vae_decode, repeats)
-        handles = apply_all(holder, [WinogradConfig(calibration_dir=calibration_dir or "")],
+        handles = apply_all(holder, [WinogradConfig(vae=True, calibration_dir=calibration_dir or "")],
                             ApplyContext(device=torch.device("cpu"), family=fam))
         try:
             out_unet, out_vae = unet_step(), vae_decode()

@@ -149,7 +149,7 @@ def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, t
     req = GenerationRequest(prompt="a barn", width=64, height=64, steps=2, seed=3)
     base = run(spec, req, cache=cache)
     for tile in ("f2", "f4", "auto"):
-        cfg = WinogradConfig(tile=tile, calibration_dir=str(tmp_path))
+        cfg = WinogradConfig(tile=tile, vae=True, calibration_dir=str(tmp_path))
         result = run(spec.with_optimization(cfg), req, cache=cache)
         torch.testing.assert_close(result.images_tensor, base.images_tensor, rtol=0, atol=2e-4)
         calls = result.stats.counters
