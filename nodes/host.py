@@ -224,11 +224,9 @@ class MemoryBridge:
         entry, cache = record.entry(), record.cache()
         if entry is None or cache is None:
             return
-        for live in cache.entries():
-            if live is entry and live.spec is not None:
-                log.info("ComfyUI is freeing memory: releasing %s", live.spec.model.display_name)
-                cache.evict(live.spec)
-                break
+        name = entry.spec.model.display_name if entry.spec is not None else str(entry.device)
+        if cache.release(entry):
+            log.info("ComfyUI is freeing memory: releasing %s", name)
 
     def tracked(self) -> int:
         with self._lock:

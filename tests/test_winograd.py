@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sdaccel.kernels.adapter import FilterCache, WinogradConv2d, patch_convs
-from sdaccel.kernels.calibrate import MARGIN, Calibration, best_choice
+from sdaccel.kernels.calibrate import MARGIN, MEASUREMENT, Calibration, best_choice
 from sdaccel.kernels.winograd import (filter_transform, input_transform, input_transform_reference, is_eligible,
                                       winograd_conv2d)
 
@@ -137,6 +137,12 @@ def test_calibration_is_measured_once_and_kept_on_disk(tmp_path):
     third = Calibration(tmp_path, repeats=1)  # a damaged file is ignored and rebuilt
     third.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
     assert third.measured_shapes == 1 and json.loads(third.path.read_text())["shapes"]
+    stale = json.loads(third.path.read_text())
+    stale.pop("measurement")  # a file timed the old way (hot caches) is not trusted
+    third.path.write_text(json.dumps(stale), encoding="utf-8")
+    fourth = Calibration(tmp_path, repeats=1)
+    fourth.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    assert fourth.measured_shapes == 1 and json.loads(fourth.path.read_text())["measurement"] == MEASUREMENT
 
 
 def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, tmp_path):
