@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .winograd import conv_padding, filter_bytes, filter_transform, is_eligible, pack_filters, winograd_conv2d
+from .winograd import (conv_padding, filter_bytes, filter_transform, is_eligible, pack_filters, release_workspaces,
+                       thread_workspace, winograd_conv2d)
 
 # What to run for an input shape: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
 Choice = tuple[str, int, int]
@@ -103,6 +104,9 @@ class WinogradConv2d(torch.nn.Conv2d):
         self._filters.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            self.calls["conv2d"] += 1  # the transformed filters carry no gradient: training stays on F.conv2d
+            return self._conv_forward(x, self.weight, self.bias)
         kind, m, band = self.planner(self, x.shape, x.dtype, x.device)
         if kind != "winograd":
             self.calls["conv2d"] += 1
@@ -111,7 +115,8 @@ class WinogradConv2d(torch.nn.Conv2d):
         tiles_w = -(-(x.shape[-1] + 2 * self.pad - 2) // m)
         tiles_h = -(-(x.shape[-2] + 2 * self.pad - 2) // m)
         u, packed = self.filters(m, x.shape[0] * (band or tiles_h) * tiles_w)
-        return winograd_conv2d(x, u, self.bias, m=m, padding=self.pad, band_tiles=band or None, packed=packed)
+        return winograd_conv2d(x, u, self.bias, m=m, padding=self.pad, band_tiles=band or None, packed=packed,
+                               workspace=thread_workspace())
 
 
 @dataclass
@@ -130,6 +135,8 @@ class PatchedConvs:
             adapter.drop_filters()
             parent._modules[name] = original
         self.swaps.clear()
+        if self.cache.used == 0:  # the last patch sharing this budget is gone
+            release_workspaces()
 
 
 def patch_convs(module: torch.nn.Module, planner: Planner, cache: FilterCache,

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .winograd import filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
+from .winograd import Workspace, filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.97  # Winograd is chosen only when it takes at most 97% of F.conv2d's time
-MEASUREMENT = "cold-weights-v2"  # how timings were taken; files measured otherwise are re-measured
+MEASUREMENT = "cold-weights-workspace-v3"  # how timings were taken; files measured otherwise are re-measured
 DEFAULT_TILES = (2, 4)
 DEFAULT_BANDS = (0, 1, 2, 4, 8)
 
@@ -112,6 +112,7 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
             flush_caches()
             x.add_(0.0)
 
+    workspace = Workspace()  # as the adapter runs it: scratch buffers reused between calls
     with torch.inference_mode():
         results = {"conv2d": _median_time(lambda: F.conv2d(x, weight, bias, padding=pad), repeats, cold_weights)}
         for m in tiles:
@@ -123,7 +124,8 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
                     continue
                 packed = pack_filters(u, n * (band or tiles_h) * tiles_w)
                 results[f"f{m}b{band}"] = _median_time(
-                    lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None, packed=packed),
+                    lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None, packed=packed,
+                                            workspace=workspace),
                     repeats, cold_weights)
     return results
 

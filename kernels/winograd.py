@@ -14,6 +14,8 @@ strided slices. Pure functions over torch tensors; nothing here keeps state.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -120,31 +122,45 @@ def transforms(m: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TRANSFORMS[key]
 
 
-def input_transform(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int, row0: int = 0) -> torch.Tensor:
+def input_transform(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int, row0: int = 0,
+                    workspace: "Workspace | None" = None) -> torch.Tensor:
     """V = B^T d B for `tiles_h` tile rows (from tile row `row0`) of the padded input x [N, C, Hp, Wp].
 
     Returns [a*a, P, C] (P = N*tiles_h*tiles_w tiles, channels last): the (m+2)^2 strided tile positions
     are gathered once into a channel-minor buffer, then one GEMM with B^T kron B^T transforms every tile
     (the matrix is tiny; the pass over the data dominates). Works on NCHW and NHWC inputs alike.
+    With a `workspace` the buffers are reused from call to call instead of allocated.
     """
     a = m + 2
     n, c = x.shape[:2]
     src = x.permute(0, 2, 3, 1)  # [N, Hp, Wp, C] view; contiguous when x is channels-last
-    d = torch.empty(a, a, n, tiles_h, tiles_w, c, dtype=x.dtype, device=x.device)
+    shape = (a, a, n, tiles_h, tiles_w, c)
+    d = workspace.take("d", shape, x) if workspace is not None else torch.empty(shape, dtype=x.dtype,
+                                                                               device=x.device)
     top = row0 * m
     for i in range(a):
         rows = src[:, top + i: top + i + (tiles_h - 1) * m + 1: m]
         for j in range(a):
             d[i, j].copy_(rows[:, :, j: j + (tiles_w - 1) * m + 1: m])
     bb, _ = transforms(m, x.dtype, x.device)
-    return torch.mm(bb, d.view(a * a, -1)).view(a * a, n * tiles_h * tiles_w, c)
+    flat = d.view(a * a, -1)
+    if workspace is None:
+        return torch.mm(bb, flat).view(a * a, n * tiles_h * tiles_w, c)
+    v = workspace.take("v", flat.shape, x)
+    torch.mm(bb, flat, out=v)
+    return v.view(a * a, n * tiles_h * tiles_w, c)
 
 
-def output_transform(mm: torch.Tensor, m: int) -> torch.Tensor:
+def output_transform(mm: torch.Tensor, m: int, workspace: "Workspace | None" = None) -> torch.Tensor:
     """Y = A^T M A for every tile: [a*a, P, K] -> [m*m, P, K] (one GEMM with A^T kron A^T)."""
     a = m + 2
     _, aa = transforms(m, mm.dtype, mm.device)
-    return torch.mm(aa, mm.reshape(a * a, -1)).view(m * m, mm.shape[1], mm.shape[2])
+    flat = mm.reshape(a * a, -1)
+    if workspace is None:
+        return torch.mm(aa, flat).view(m * m, mm.shape[1], mm.shape[2])
+    y = workspace.take("y", (m * m, flat.shape[1]), mm)
+    torch.mm(aa, flat, out=y)
+    return y.view(m * m, mm.shape[1], mm.shape[2])
 
 
 def input_transform_reference(x: torch.Tensor, m: int, tiles_h: int, tiles_w: int) -> torch.Tensor:
@@ -185,16 +201,72 @@ def pack_filters(u: torch.Tensor, rows_hint: int) -> list | None:
     return [torch.ops.mkldnn._reorder_linear_weight(u[i].contiguous(), rows_hint) for i in range(u.shape[0])]
 
 
-def _products(v: torch.Tensor, u: torch.Tensor, packed: list | None) -> torch.Tensor:
+def _products(v: torch.Tensor, u: torch.Tensor, packed: list | None,
+              workspace: "Workspace | None" = None) -> torch.Tensor:
     """M[xi] = V[xi] @ U[xi]^T for every tile position: [a*a, P, C] x [a*a, K, C] -> [a*a, P, K]."""
+    out = workspace.take("m", (v.shape[0], v.shape[1], u.shape[1]), v) if workspace is not None else None
     if packed is not None:
-        return torch.stack([torch.ops.mkldnn._linear_pointwise(v[i], packed[i], None, "none", [], "")
-                            for i in range(v.shape[0])])
-    return torch.bmm(v, u.transpose(1, 2))
+        parts = [torch.ops.mkldnn._linear_pointwise(v[i], packed[i], None, "none", [], "") for i in range(v.shape[0])]
+        return torch.stack(parts) if out is None else torch.stack(parts, out=out)
+    if out is None:
+        return torch.bmm(v, u.transpose(1, 2))
+    return torch.bmm(v, u.transpose(1, 2), out=out)
+
+
+class Workspace:
+    """Scratch buffers for the transforms, reused across calls and layers (one set per thread).
+
+    Inside a whole model, allocating the transformed buffers afresh on every call cost more than the
+    saved multiplications: large blocks come from fresh pages each time (page faults, zeroing), while a
+    loop over one layer reuses the same blocks. Each role keeps one flat buffer grown to the largest
+    request; `nbytes()` is the extra memory held.
+    """
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def take(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (role, like.dtype, like.device, torch.is_inference_mode_enabled())  # inference tensors stay apart
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+_WORKSPACES = threading.local()
+_ALL_WORKSPACES: "weakref.WeakSet[Workspace]" = weakref.WeakSet()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's workspace (threads never share buffers)."""
+    ws = getattr(_WORKSPACES, "ws", None)
+    if ws is None:
+        ws = _WORKSPACES.ws = Workspace()
+        _ALL_WORKSPACES.add(ws)
+    return ws
+
+
+def workspace_bytes() -> int:
+    """Scratch memory held by every thread's workspace."""
+    return sum(ws.nbytes() for ws in list(_ALL_WORKSPACES))
+
+
+def release_workspaces() -> None:
+    """Give every thread's scratch buffers back (when the last Winograd patch is removed)."""
+    for ws in list(_ALL_WORKSPACES):
+        ws.clear()
 
 
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, *, m: int, padding: int,
-                    band_tiles: int | None = None, packed: list | None = None) -> torch.Tensor:
+                    band_tiles: int | None = None, packed: list | None = None,
+                    workspace: Workspace | None = None) -> torch.Tensor:
     """3x3 stride-1 convolution of x [N, C, H, W] with pre-transformed filters u (from `filter_transform`).
 
     `band_tiles` processes the image in horizontal bands of that many tile rows, so the transformed
@@ -202,7 +274,8 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     Bands run one after another: running them on a Python thread pool won 10-20% per layer in
     isolation but lost it all (SD1.5 UNet step 1.19x -> 1.05x) inside a whole model, where the pool
     fights OpenMP's spinning workers. `packed` (from `pack_filters`) runs the products through oneDNN.
-    A channels-last input gives a channels-last output.
+    `workspace` reuses the scratch buffers (see `Workspace`). A channels-last input gives a
+    channels-last output.
     """
     n, c, h, w = x.shape
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
@@ -214,17 +287,24 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     out = torch.empty(n, ho, wo, k, dtype=x.dtype, device=x.device) if nhwc else \
         torch.empty(n, k, ho, wo, dtype=x.dtype, device=x.device)
     band = tiles_h if not band_tiles else max(1, min(band_tiles, tiles_h))
+    exact = ho == tiles_h * m and wo == tiles_w * m  # no ragged tiles: write straight into the output
     for t0 in range(0, tiles_h, band):
         tb = min(band, tiles_h - t0)
-        y = output_transform(_products(input_transform(xp, m, tb, tiles_w, t0), u, packed), m)
+        v = input_transform(xp, m, tb, tiles_w, t0, workspace)
+        y = output_transform(_products(v, u, packed, workspace), m, workspace)
         if bias is not None:
             y.add_(bias)
-        rows = min(tb * m, ho - t0 * m)
         y = y.view(m, m, n, tb, tiles_w, k)
-        if nhwc:  # [n, tb, m, tw, m, k] -> rows of the NHWC output
-            block = y.permute(2, 3, 0, 4, 1, 5).reshape(n, tb * m, tiles_w * m, k)
-            out[:, t0 * m: t0 * m + rows].copy_(block[:, :rows, :wo])
-        else:  # [n, k, tb, m, tw, m] -> rows of the NCHW output
-            block = y.permute(2, 5, 3, 0, 4, 1).reshape(n, k, tb * m, tiles_w * m)
-            out[:, :, t0 * m: t0 * m + rows].copy_(block[:, :, :rows, :wo])
+        if exact and nhwc:  # [m, m, n, tb, tw, k] -> out[n, tb, m, tw, m, k]
+            out.view(n, tiles_h, m, tiles_w, m, k)[:, t0: t0 + tb].copy_(y.permute(2, 3, 0, 4, 1, 5))
+        elif exact:  # -> out[n, k, tb, m, tw, m]
+            out.view(n, k, tiles_h, m, tiles_w, m)[:, :, t0: t0 + tb].copy_(y.permute(2, 5, 3, 0, 4, 1))
+        else:
+            rows = min(tb * m, ho - t0 * m)
+            if nhwc:  # [n, tb, m, tw, m, k] -> rows of the NHWC output
+                block = y.permute(2, 3, 0, 4, 1, 5).reshape(n, tb * m, tiles_w * m, k)
+                out[:, t0 * m: t0 * m + rows].copy_(block[:, :rows, :wo])
+            else:  # [n, k, tb, m, tw, m] -> rows of the NCHW output
+                block = y.permute(2, 5, 3, 0, 4, 1).reshape(n, k, tb * m, tiles_w * m)
+                out[:, :, t0 * m: t0 * m + rows].copy_(block[:, :, :rows, :wo])
     return out.permute(0, 3, 1, 2) if nhwc else out

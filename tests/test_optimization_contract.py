@@ -229,3 +229,22 @@ def test_precision_refuses_emulated_low_precision_on_a_cpu_without_it(monkeypatc
     with pytest.raises(UnavailableError, match=r"precision.unet=bf16.*no native bf16.*use fp32"):
         apply_all(pipe, [PrecisionConfig(unet="bf16")], _ctx(pipe))
     _assert_same(before, _fingerprint(pipe))
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_half_precision_is_the_native_one(monkeypatch, pipe, native, expected):
+    from sdaccel.optim.families import get_family
+    from sdaccel.optim.registry import ApplyContext
+    from sdaccel.optim.units import precision
+    from sdaccel.optim.units.precision import PrecisionConfig, resolve_dtypes
+
+    monkeypatch.setattr(precision, "cpu_has_native", lambda name: native and name == "bfloat16")
+    cfg = PrecisionConfig(unet="half", text_encoder="half")
+    gpu = resolve_dtypes(cfg, ApplyContext(device="cuda", family=get_family("sd15")))
+    assert gpu["unet"] == gpu["text_encoder"] == torch.float16  # a GPU's half is fp16 (no GPU needed to resolve)
+    handles = apply_all(pipe, [cfg], _ctx(pipe))
+    try:
+        assert pipe.unet.dtype == expected and pipe.text_encoder.dtype == expected
+        assert pipe.vae.dtype == torch.float32  # vae stays on auto
+    finally:
+        remove_all(handles)

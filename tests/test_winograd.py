@@ -216,3 +216,42 @@ def test_channels_last_in_channels_last_out_and_onednn_products_match(m):
         assert _rel(winograd_conv2d(x, u, bias, m=m, padding=1, packed=packed), ref) < BOUNDS[m]
     else:
         assert packed is None
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_a_reused_workspace_gives_the_same_results_in_both_modes_and_layouts(m):
+    from sdaccel.kernels.winograd import Workspace, pack_filters
+
+    g = torch.Generator().manual_seed(9)
+    ws = Workspace()
+    for (n, c, k, h, w) in [(2, 16, 8, 12, 12), (1, 8, 12, 9, 13), (2, 16, 8, 12, 12)]:  # exact, ragged, exact again
+        x = torch.randn(n, c, h, w, generator=g)
+        weight = torch.randn(k, c, 3, 3, generator=g) / 10
+        bias = torch.randn(k, generator=g)
+        ref = F.conv2d(x, weight, bias, padding=1)
+        u = filter_transform(weight, m)
+        for inference in (True, False):  # buffers made in inference mode must not be reused outside it
+            with torch.inference_mode(inference):
+                for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+                    for packed in (None, pack_filters(u, 16)):
+                        out = winograd_conv2d(xi, u, bias, m=m, padding=1, band_tiles=2, packed=packed, workspace=ws)
+                        fresh = winograd_conv2d(xi, u, bias, m=m, padding=1, band_tiles=2, packed=packed)
+                        assert _rel(out, ref) < BOUNDS[m] and _rel(out, fresh) < 1e-6
+    assert ws.nbytes() > 0
+    ws.clear()
+    assert ws.nbytes() == 0
+
+
+def test_training_stays_on_conv2d_and_restore_releases_the_workspaces():
+    from sdaccel.kernels.winograd import workspace_bytes
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))
+    patched = patch_convs(net, _always(2), FilterCache(2**30))
+    x = torch.randn(1, 4, 8, 8)
+    net(x).sum().backward()  # gradients need F.conv2d: the transformed filters are detached
+    assert net[0].calls == {"conv2d": 1, "winograd": 0} and net[0].weight.grad is not None
+    with torch.inference_mode():
+        net(x)
+    assert net[0].calls["winograd"] == 1 and workspace_bytes() > 0
+    patched.restore()
+    assert workspace_bytes() == 0
