@@ -97,7 +97,12 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
 
     Each timed row carries `psnr_db`/`ssim` of its image against the baseline image of the same seed
     (null for the baseline itself; the baseline is rendered once untimed when it is not in the list).
+    glibc is told to keep freed memory first: otherwise page-fault costs drift with the process's
+    history and identical rows differ by up to 30% (see allocator.py).
     """
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
     cache = cache if cache is not None else PipelineCache(max_entries=2)
     if settings.checkpoint:
         model = ModelRef(path=settings.checkpoint, family=settings.family or "auto")

@@ -95,6 +95,9 @@ def machine_summary() -> dict:
 
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform()}
+    from .allocator import allocator_summary
+
+    info["allocator"] = allocator_summary()
     try:
         import diffusers
         import transformers

@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries(args.verbose)
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # our own process: reuse freed memory (1.4x per CPU step with glibc, see allocator.py)
     try:
         if args.command == "generate":
             return cmd_generate(args)

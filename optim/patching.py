@@ -55,6 +55,26 @@ class PatchSet:
 
         self._undo.append(undo)
 
+    def keep_attributes(self, module: torch.nn.Module) -> None:
+        """Restore the plain attributes of `module` and its sub-modules as they are now, after every undo
+        registered later has run.
+
+        For changes made by third-party hook libraries (accelerate, diffusers' HookRegistry): their own
+        removal puts `forward` back as an instance attribute and leaves registries behind, which other
+        units read as "someone replaced the forward". Parameters, buffers and children are not touched.
+        """
+        saved = [(sub, dict(sub.__dict__)) for sub in module.modules()]
+
+        def undo():
+            for sub, before in saved:
+                for key in [k for k in sub.__dict__ if k not in before]:
+                    del sub.__dict__[key]
+                for key, value in before.items():
+                    if sub.__dict__.get(key, _MISSING) is not value:
+                        sub.__dict__[key] = value
+
+        self._undo.append(undo)
+
     def add_hook(self, handle) -> None:
         """Remember a torch hook handle so removal detaches it."""
         self._undo.append(handle.remove)

@@ -106,6 +106,9 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
     from .synthetic import build_components
     from .units.winograd import WinogradConfig
 
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # as bench does: page-fault costs would otherwise drift between the timings
     fam = get_family(family)
     say(f"building {fam.name} (random weights) ...")
     comps = build_components(fam.name, tiny=tiny)

@@ -39,7 +39,9 @@ def _fingerprint(pipe):
                    list(m.state_dict(keep_vars=True).items())}
         tree = [(n, type(s).__name__) for n, s in m.named_modules()]
         hooks = sum(len(s._forward_hooks) + len(s._forward_pre_hooks) for s in m.modules())
-        modules[name] = (tensors, tree, hooks, type(m.forward))
+        # plain attributes too: a forward left behind as an instance attribute reads as "replaced" to others
+        attrs = [(n, sorted(s.__dict__)) for n, s in m.named_modules()]
+        modules[name] = (tensors, tree, hooks, type(m.forward), attrs)
     return modules
 
 
@@ -57,10 +59,11 @@ def _outputs(pipe):
 
 def _assert_same(before, after):
     for name in before:
-        tb, treeb, hooksb, fwdb = before[name]
-        ta, treea, hooksa, fwda = after[name]
+        tb, treeb, hooksb, fwdb, attrsb = before[name]
+        ta, treea, hooksa, fwda, attrsa = after[name]
         assert treeb == treea, name
         assert hooksb == hooksa and fwdb == fwda, name
+        assert attrsb == attrsa, (name, [(b, a) for b, a in zip(attrsb, attrsa) if b != a][:3])
         assert tb.keys() == ta.keys(), name
         for key in tb:
             db, devb, sb, vb = tb[key]

@@ -221,7 +221,8 @@ class Offload(Unit):
                             "or offload (memory)"}
 
     def examples(self) -> list[OffloadConfig]:
-        return [OffloadConfig(mode="staged")]
+        # group offload goes through diffusers' hook registry, whose removal leaves residue we must undo
+        return [OffloadConfig(mode="staged")] + ([OffloadConfig(mode="group")] if _supports_disk_groups() else [])
 
     def check(self, cfg: OffloadConfig, ctx: ApplyContext) -> None:
         kind = torch.device(ctx.device).type
@@ -240,6 +241,8 @@ class Offload(Unit):
 
     def _apply(self, pipe, cfg: OffloadConfig, ctx: ApplyContext, patch) -> None:
         device = torch.device(ctx.device)
+        for module in _components(pipe).values():  # runs last on removal: hook libraries leave residue
+            patch.keep_attributes(module)
         if cfg.mode in ("model", "sequential"):
             _enable_diffusers_offload(pipe, cfg.mode, device, patch)
         elif cfg.mode == "group":
