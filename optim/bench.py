@@ -8,6 +8,7 @@ weights: a convolution costs the same whatever its weights.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .allocator import keep_freed_memory, release_free_memory
 from .capabilities import machine_summary, resolve_device
 from .errors import SDAccelError
 from .metrics import psnr_db, ssim
@@ -100,8 +102,6 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
     glibc is told to keep freed memory first: otherwise page-fault costs drift with the process's
     history and identical rows differ by up to 30% (see allocator.py).
     """
-    from .allocator import keep_freed_memory
-
     keep_freed_memory()
     cache = cache if cache is not None else PipelineCache(max_entries=2)
     if settings.checkpoint:
@@ -129,6 +129,8 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
             rows.append({"preset": name, "skipped": reason})
             continue
         say(f"[run ] {name}: {preset.description}")
+        gc.collect()
+        release_free_memory()  # this row's peak memory is its own, not what earlier rows left in the heap
         refiner_spec = PipelineSpec(model=refiner_model, device=settings.device, optimizations=spec.optimizations)
         start = time.perf_counter()
         try:

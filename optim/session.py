@@ -218,7 +218,10 @@ def _offloaded(spec: PipelineSpec) -> bool:
 
 
 def _release_memory() -> None:
+    from .allocator import release_free_memory
+
     gc.collect()
+    release_free_memory()  # kept-for-reuse heap memory goes back to the OS with the pipeline
     try:
         import torch
 

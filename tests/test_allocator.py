@@ -42,3 +42,26 @@ def test_bench_reports_the_allocator():
     from sdaccel.optim.capabilities import machine_summary
 
     assert "allocator" in machine_summary()
+
+
+TRIM_PROBE = r"""
+import os, torch
+from sdaccel.optim.allocator import keep_freed_memory, release_free_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+keep_freed_memory()
+start = rss()
+t = torch.ones(256 * 2**20 // 4)
+del t
+kept = rss() - start
+release_free_memory()
+print(kept, rss() - start)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_released_memory_goes_back_to_the_os():
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True)
+    kept, after = (int(v) for v in out.stdout.strip().splitlines()[-1].split())
+    assert kept > 200 * 2**20  # kept for reuse while the pipeline lives
+    assert after < 50 * 2**20  # returned when the cache drops a pipeline (or bench starts a row)
