@@ -105,22 +105,33 @@ class _Stager:
             store.close()
 
 
+def _tensor_entries(modules, skip_ids=frozenset()) -> list:
+    """(store, key, data) for every parameter and buffer under `modules` (except ids in `skip_ids`): what
+    offloading moves or replaces, to put back on removal."""
+    return [(store, key, store[key].data) for m in modules for sub in m.modules()
+            for store in (sub._parameters, sub._buffers)
+            for key in store if store[key] is not None and id(store[key]) not in skip_ids]
+
+
+def _put(entries, device=None) -> None:
+    """Set each entry's tensor to its saved data (moved to `device` when given)."""
+    for store, key, data in entries:
+        value = data if device is None else data.to(device)
+        tensor = store[key]
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = value
+        else:
+            store[key] = value
+
+
 def _enable_diffusers_offload(pipe, mode: str, device, patch) -> None:
     """model / sequential offload through diffusers, undone exactly (hooks removed, tensors restored)."""
-    originals = {name: [(store, key, store[key].data) for sub in m.modules()
-                        for store in (sub._parameters, sub._buffers) for key in store if store[key] is not None]
-                 for name, m in _components(pipe).items()}
+    originals = _tensor_entries(_components(pipe).values())
     attrs = {k: pipe.__dict__.get(k, "_missing") for k in ("_offload_gpu_id", "_offload_device", "_all_hooks")}
 
     def undo():
         pipe.remove_all_hooks()
-        for entries in originals.values():
-            for store, key, data in entries:
-                tensor = store[key]
-                if isinstance(tensor, torch.nn.Parameter):
-                    tensor.data = data
-                else:
-                    store[key] = data
+        _put(originals)
         for key, value in attrs.items():
             if value == "_missing":
                 pipe.__dict__.pop(key, None)
@@ -138,8 +149,7 @@ def _enable_group_offload(pipe, cfg: OffloadConfig, device, patch) -> None:
     api = _group_offloading_api()
     on_cpu = torch.device(device).type == "cpu"
     folder = _spill_folder(cfg) if on_cpu else None
-    originals = [(store, key, store[key].data) for m in _components(pipe).values() for sub in m.modules()
-                 for store in (sub._parameters, sub._buffers) for key in store if store[key] is not None]
+    originals = _tensor_entries(_components(pipe).values())
     kwargs = {"onload_device": device, "offload_device": torch.device("cpu"), "offload_type": cfg.group_type}
     if cfg.group_type == "block_level":
         kwargs["num_blocks_per_group"] = cfg.blocks_per_group
@@ -158,12 +168,7 @@ def _enable_group_offload(pipe, cfg: OffloadConfig, device, patch) -> None:
                 if isinstance(registry, HookRegistry):
                     for name in list(registry.hooks):
                         registry.remove_hook(name, recurse=False)
-        for store, key, data in originals:
-            tensor = store[key]
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = data
-            else:
-                store[key] = data
+        _put(originals)
         if folder is not None:
             import shutil
 
@@ -183,25 +188,13 @@ def _enable_lowvram(pipe, device, patch) -> None:
         patch.add_hook(block.register_forward_pre_hook(lambda m, a, s=swap: s.onload()))
         patch.add_hook(block.register_forward_hook(lambda m, a, o, s=swap: s.offload()))
     block_ids = {id(t) for b in blocks for t in list(b.parameters()) + list(b.buffers())}
-    rest = [(store, key, store[key].data) for sub in unet.modules() for store in (sub._parameters, sub._buffers)
-            for key in store if store[key] is not None and id(store[key]) not in block_ids]
-    for store, key, data in rest:
-        tensor = store[key]
-        moved = data.to(device)
-        if isinstance(tensor, torch.nn.Parameter):
-            tensor.data = moved
-        else:
-            store[key] = moved
+    rest = _tensor_entries([unet], block_ids)
+    _put(rest, device)
 
     def undo():
         for swap in swaps:
             swap.close()
-        for store, key, data in rest:
-            tensor = store[key]
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = data
-            else:
-                store[key] = data
+        _put(rest)
 
     patch.on_remove(undo)
     others = {n: DeviceSwap(m, device) for n, m in _components(pipe).items() if n != "unet"}
