@@ -16,9 +16,11 @@ import torch
 from .winograd import (conv_padding, filter_bytes, filter_transform, is_eligible, pack_filters, release_workspaces,
                        thread_workspace, winograd_conv2d)
 
-# What to run for an input shape: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
+# What to run for an input: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
+# A planner is called as planner(layer, x) for the input tensor x; one with a true `fused` attribute has
+# chosen with the compiled transforms (kernels/fused.py), which the layer then runs.
 Choice = tuple[str, int, int]
-Planner = Callable[["WinogradConv2d", torch.Size, torch.dtype, torch.device], Choice]
+Planner = Callable[["WinogradConv2d", torch.Tensor], Choice]
 
 
 def _stamp(weight: torch.Tensor) -> tuple:
@@ -107,7 +109,11 @@ class WinogradConv2d(torch.nn.Conv2d):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             self.calls["conv2d"] += 1  # the transformed filters carry no gradient: training stays on F.conv2d
             return self._conv_forward(x, self.weight, self.bias)
-        kind, m, band = self.planner(self, x.shape, x.dtype, x.device)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # being compiled (torch.compile) or traced for OpenVINO: the compiler picks its own conv algorithm
+            self.calls["conv2d"] += 1
+            return self._conv_forward(x, self.weight, self.bias)
+        kind, m, band = self.planner(self, x)
         if kind != "winograd":
             self.calls["conv2d"] += 1
             return self._conv_forward(x, self.weight, self.bias)
@@ -116,7 +122,7 @@ class WinogradConv2d(torch.nn.Conv2d):
         tiles_h = -(-(x.shape[-2] + 2 * self.pad - 2) // m)
         u, packed = self.filters(m, x.shape[0] * (band or tiles_h) * tiles_w)
         return winograd_conv2d(x, u, self.bias, m=m, padding=self.pad, band_tiles=band or None, packed=packed,
-                               workspace=thread_workspace())
+                               workspace=thread_workspace(), fused=bool(getattr(self.planner, "fused", False)))
 
 
 @dataclass

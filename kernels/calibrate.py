@@ -32,9 +32,11 @@ from .winograd import Workspace, filter_transform, mkldnn_linear_available, pack
 log = logging.getLogger(__name__)
 
 MARGIN = 0.97  # Winograd is chosen only when it takes at most 97% of F.conv2d's time
-MEASUREMENT = "cold-weights-workspace-v3"  # how timings were taken; files measured otherwise are re-measured
-DEFAULT_TILES = (2, 4)
+MEASUREMENT = "cold-weights-workspace-v4"  # how timings were taken; files measured otherwise are re-measured
+DEFAULT_TILES = (2, 4)  # eager transforms: F(6,3)'s larger transforms cost more than its products save
 DEFAULT_BANDS = (0, 1, 2, 4, 8)
+FUSED_TILES = (2, 4, 6)  # compiled transforms (kernels/fused.py): F(6,3) wins on the large maps
+FUSED_BANDS = (0, 2, 4, 8, 16)
 
 
 def default_cache_dir() -> Path:
@@ -54,10 +56,13 @@ def machine_key() -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
 
 
-def shape_key(n: int, c: int, k: int, h: int, w: int, pad: int, dtype: torch.dtype, device: torch.device) -> str:
-    engine = "onednn" if mkldnn_linear_available() else "bmm"
+def shape_key(n: int, c: int, k: int, h: int, w: int, pad: int, dtype: torch.dtype, device: torch.device, *,
+              channels_last: bool = False, fused: bool = False) -> str:
+    """One calibration entry: the shape, its memory layout, and the engines that would run it."""
+    engine = ("onednn" if mkldnn_linear_available() else "bmm") + ("-fused" if fused else "")
+    layout = "-nhwc" if channels_last else ""
     return (f"n{n}-c{c}-k{k}-h{h}-w{w}-p{pad}-{str(dtype).replace('torch.', '')}-{torch.device(device).type}"
-            f"-{engine}")
+            f"{layout}-{engine}")
 
 
 def last_level_cache_bytes() -> int:
@@ -100,10 +105,14 @@ def _median_time(fn, repeats: int, before=None) -> float:
 
 
 def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tiles=DEFAULT_TILES,
-                  bands=DEFAULT_BANDS, repeats: int = 3, seed: int = 0) -> dict:
-    """Time F.conv2d against each Winograd tile/band candidate for one shape; return the timings."""
+                  bands=DEFAULT_BANDS, repeats: int = 3, seed: int = 0, channels_last: bool = False,
+                  fused: bool = False) -> dict:
+    """Time F.conv2d against each Winograd tile/band candidate for one shape (in the given memory layout, with
+    the eager or the compiled transforms); return the timings."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)).to(device, dtype)
     bias = torch.zeros(k, dtype=dtype, device=device)
 
@@ -125,7 +134,7 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
                 packed = pack_filters(u, n * (band or tiles_h) * tiles_w)
                 results[f"f{m}b{band}"] = _median_time(
                     lambda: winograd_conv2d(x, u, bias, m=m, padding=pad, band_tiles=band or None, packed=packed,
-                                            workspace=workspace),
+                                            workspace=workspace, fused=fused),
                     repeats, cold_weights)
     return results
 
@@ -146,10 +155,14 @@ def best_choice(timings: dict) -> tuple[str, int, int]:
 class Calibration:
     """The per-machine table of measured choices, loaded from and saved to disk."""
 
-    def __init__(self, folder: Path | None = None, *, tiles=DEFAULT_TILES, bands=DEFAULT_BANDS, repeats: int = 3):
+    def __init__(self, folder: Path | None = None, *, tiles=None, bands=None, repeats: int = 3, fused: bool = False):
+        """`fused`: measure (and later run) the compiled transforms; the caller checks `fused_transforms_work()`."""
         self.folder = Path(folder) if folder else default_cache_dir()
         self.path = self.folder / f"winograd-{machine_key()}.json"
-        self.tiles, self.bands, self.repeats = tuple(tiles), tuple(bands), repeats
+        self.fused = fused
+        self.tiles = tuple(tiles or (FUSED_TILES if fused else DEFAULT_TILES))
+        self.bands = tuple(bands or (FUSED_BANDS if fused else DEFAULT_BANDS))
+        self.repeats = repeats
         self.table: dict[str, dict] = self._load()
         self.measured_s = 0.0
         self.measured_shapes = 0
@@ -178,20 +191,20 @@ class Calibration:
                        encoding="utf-8")
         tmp.replace(self.path)
 
-    def timings(self, n, c, k, h, w, pad, dtype, device) -> dict:
-        key = shape_key(n, c, k, h, w, pad, dtype, device)
+    def timings(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> dict:
+        key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused)
         with self._lock:
             entry = self.table.get(key)
             if entry is None:
                 start = time.perf_counter()
                 entry = measure_shape(n, c, k, h, w, pad, dtype, device, tiles=self.tiles, bands=self.bands,
-                                      repeats=self.repeats)
+                                      repeats=self.repeats, channels_last=channels_last, fused=self.fused)
                 self.measured_s += time.perf_counter() - start
                 self.measured_shapes += 1
                 self.table[key] = entry
                 self.save()
             return entry
 
-    def choose(self, n, c, k, h, w, pad, dtype, device) -> tuple[str, int, int]:
+    def choose(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> tuple[str, int, int]:
         """The fastest way to run this shape (F.conv2d unless Winograd wins by the margin)."""
-        return best_choice(self.timings(n, c, k, h, w, pad, dtype, device))
+        return best_choice(self.timings(n, c, k, h, w, pad, dtype, device, channels_last))

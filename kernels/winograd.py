@@ -7,8 +7,10 @@ computed from an (m+2) x (m+2) input tile with (m+2)^2 multiplications instead o
 
 The element-wise products over all tiles become one GEMM per tile position, summing over input
 channels, so the heavy work runs in the BLAS at full speed with 2.25x (F(2,3)) or 4x (F(4,3))
-fewer multiplications. The transforms are small integer/fraction matrices applied as additions of
-strided slices. Pure functions over torch tensors; nothing here keeps state.
+fewer multiplications (5.06x for F(6,3)). Here the transforms are eager PyTorch: a gather of the
+strided tile positions and one GEMM with the Kronecker form of the transform matrix; kernels/fused.py
+has the same transforms compiled, which `winograd_conv2d(fused=True)` runs. Pure functions over torch
+tensors; only the scratch workspaces keep buffers between calls.
 """
 
 from __future__ import annotations
@@ -86,23 +88,6 @@ def filter_transform(weight: torch.Tensor, m: int) -> torch.Tensor:
 def filter_bytes(k: int, c: int, m: int, element_size: int = 4) -> int:
     """Memory one layer's transformed filters take for tile m (4x the weight for F(4,3), 1.8x for F(2,3))."""
     return (m + 2) ** 2 * k * c * element_size
-
-
-def _combine(parts, coeffs) -> torch.Tensor:
-    """sum_j coeffs[j] * parts[j] as a new tensor, skipping zero coefficients and multiplying only by non-units."""
-    out = None
-    for c, part in zip(coeffs, parts):
-        if c == 0:
-            continue
-        if out is None:
-            out = part.clone() if c == 1 else part * c
-        elif c == 1:
-            out.add_(part)
-        elif c == -1:
-            out.sub_(part)
-        else:
-            out.add_(part, alpha=c)
-    return out
 
 
 def _kron(rows_a, rows_b, dtype, device) -> torch.Tensor:
@@ -264,9 +249,19 @@ def release_workspaces() -> None:
         ws.clear()
 
 
+def _bands(tiles_h: int, band: int) -> list[tuple[int, int]]:
+    """(first tile row, tile rows) per band; a last band of one tile row joins the one before it (one shape
+    fewer for the compiled transforms to specialise on)."""
+    spans = [(t0, min(band, tiles_h - t0)) for t0 in range(0, tiles_h, band)]
+    if len(spans) > 1 and spans[-1][1] == 1:
+        t0, rows = spans[-2]
+        spans[-2:] = [(t0, rows + 1)]
+    return spans
+
+
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, *, m: int, padding: int,
                     band_tiles: int | None = None, packed: list | None = None,
-                    workspace: Workspace | None = None) -> torch.Tensor:
+                    workspace: Workspace | None = None, fused: bool = False) -> torch.Tensor:
     """3x3 stride-1 convolution of x [N, C, H, W] with pre-transformed filters u (from `filter_transform`).
 
     `band_tiles` processes the image in horizontal bands of that many tile rows, so the transformed
@@ -274,22 +269,37 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     Bands run one after another: running them on a Python thread pool won 10-20% per layer in
     isolation but lost it all (SD1.5 UNet step 1.19x -> 1.05x) inside a whole model, where the pool
     fights OpenMP's spinning workers. `packed` (from `pack_filters`) runs the products through oneDNN.
-    `workspace` reuses the scratch buffers (see `Workspace`). A channels-last input gives a
+    `workspace` reuses the scratch buffers (see `Workspace`). `fused` runs the transforms compiled
+    (kernels/fused.py; check `fused_transforms_work()` first). A channels-last input gives a
     channels-last output.
     """
     n, c, h, w = x.shape
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
     tiles_h, tiles_w = math.ceil(ho / m), math.ceil(wo / m)
     hp, wp = tiles_h * m + 2, tiles_w * m + 2
-    xp = F.pad(x, (padding, wp - w - padding, padding, hp - h - padding))
     k = u.shape[1]
     nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     out = torch.empty(n, ho, wo, k, dtype=x.dtype, device=x.device) if nhwc else \
         torch.empty(n, k, ho, wo, dtype=x.dtype, device=x.device)
     band = tiles_h if not band_tiles else max(1, min(band_tiles, tiles_h))
+    if fused:
+        from .fused import compiled_input_band, compiled_output_band, fused_transforms_work, give_up
+
+        if fused_transforms_work():
+            try:
+                # padded copy in NHWC order (a plain pad for a channels-last input, a transposing one otherwise)
+                xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, wp - w - padding, padding, hp - h - padding))
+                out_nhwc = out if nhwc else out.permute(0, 2, 3, 1)
+                for t0, tb in _bands(tiles_h, band):
+                    v = compiled_input_band(xp[:, t0 * m: t0 * m + tb * m + 2], m, tb, tiles_w)
+                    compiled_output_band(_products(v, u, packed, workspace), bias,
+                                         out_nhwc[:, t0 * m: t0 * m + tb * m], m, n, tb, tiles_w)
+                return out.permute(0, 3, 1, 2) if nhwc else out
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the generation
+                give_up(exc)
+    xp = F.pad(x, (padding, wp - w - padding, padding, hp - h - padding))
     exact = ho == tiles_h * m and wo == tiles_w * m  # no ragged tiles: write straight into the output
-    for t0 in range(0, tiles_h, band):
-        tb = min(band, tiles_h - t0)
+    for t0, tb in _bands(tiles_h, band):
         v = input_transform(xp, m, tb, tiles_w, t0, workspace)
         y = output_transform(_products(v, u, packed, workspace), m, workspace)
         if bias is not None:

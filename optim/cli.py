@@ -114,6 +114,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", default=None, help="draw speedup and memory bars into this PNG (matplotlib)")
     bench.add_argument("--refiner", default=None, help="SDXL refiner checkpoint for the refiner-ensemble preset "
                        "(random weights when absent)")
+    bench.add_argument("--channels-last", action="store_true",
+                       help="bench winograd: NHWC activations on both sides (Winograd on top of channels-last)")
+    bench.add_argument("--modules", default="unet,vae_decoder",
+                       help="bench winograd: which modules to measure (comma-separated: unet, vae_decoder)")
+    bench.add_argument("--eager-transforms", action="store_true",
+                       help="bench winograd: the eager PyTorch transforms instead of the compiled ones")
     return parser
 
 
@@ -204,7 +210,9 @@ def cmd_bench(args) -> int:
     if args.target == "winograd":
         from .winograd_bench import format_winograd_table, run_winograd_bench
 
-        report = run_winograd_bench(args.family, args.size, repeats=args.repeats)
+        report = run_winograd_bench(args.family, args.size, repeats=args.repeats, channels_last=args.channels_last,
+                                    fused_transforms=not args.eager_transforms,
+                                    modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
         print(format_winograd_table(report))
         if args.json:
             print(f"wrote {write_json(report, args.json)}")

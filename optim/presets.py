@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "on disk)", (("offload", {"mode": "staged"}),)),
     Preset("lowvram", "UNet blocks visit the GPU one at a time (--lowvram)", (("offload", {"mode": "lowvram"}),)),
     Preset("freeu", "FreeU with the family's published factors", (("freeu", {}),)),
-    Preset("winograd", "Winograd F(2,3)/F(4,3) convolutions where measured faster than F.conv2d (CPU)",
+    Preset("winograd", "Winograd F(2,3)/F(4,3)/F(6,3) convolutions where measured faster than F.conv2d (CPU)",
            (("winograd", {}),)),
     Preset("deepcache", "DeepCache, interval 3, branch 0", (("deepcache", {"cache_interval": 3,
                                                                            "cache_branch_id": 0}),)),

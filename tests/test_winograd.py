@@ -65,7 +65,7 @@ def test_eligibility():
 
 def _always(m):
     """A planner that wants tile m everywhere, within the filter budget."""
-    return lambda layer, shape, dtype, device: ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
+    return lambda layer, x: ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
 
 
 def test_adapter_shares_parameters_and_restore_puts_the_originals_back():
@@ -172,9 +172,9 @@ def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
     from sdaccel.optim.synthetic import build_pipeline
     from sdaccel.optim.units.winograd import WinogradConfig, _Planner
 
-    planner = _Planner(WinogradConfig(), Calibration(tmp_path, repeats=1))
+    planner = _Planner(WinogradConfig(fused_transforms=False), str(tmp_path))
     layer = WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1), planner, FilterCache(2**20))
-    assert planner(layer, torch.Size([1, 8, 32, 32]), torch.bfloat16, torch.device("cpu"))[0] == "conv2d"
+    assert planner(layer, torch.randn(1, 8, 32, 32, dtype=torch.bfloat16))[0] == "conv2d"
     with pytest.raises(UnavailableError, match="cuDNN"):
         apply_all(build_pipeline("sd15", tiny=True), [WinogradConfig()],
                   ApplyContext(device=torch.device("cuda"), family=get_family("sd15")))
@@ -183,7 +183,8 @@ def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
 def test_winograd_bench_reports_every_shape(tmp_path):
     from sdaccel.optim.winograd_bench import format_winograd_table, run_winograd_bench
 
-    report = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True, say=lambda s: None)
+    report = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True, say=lambda s: None,
+                                fused_transforms=False)  # the compiled transforms are covered by the unit test
     rows = report["rows"]
     assert {r["section"] for r in rows} == {"unet", "vae_decoder"}
     for row in rows:
@@ -194,7 +195,13 @@ def test_winograd_bench_reports_every_shape(tmp_path):
     for key in ("unet_speedup", "vae_decoder_speedup", "unet_step_speedup", "vae_decode_speedup", "max_rel_err"):
         assert key in summary
     assert summary["unet_speedup"] >= 1.0 and summary["unet_output_rel_err"] < 1e-3
-    assert "summed over shapes" in format_winograd_table(report)
+    assert "UNet: convs summed" in format_winograd_table(report)
+    unet_only = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True,
+                                   say=lambda s: None, fused_transforms=False, channels_last=True, modules=("unet",))
+    assert {r["section"] for r in unet_only["rows"]} == {"unet"} and unet_only["channels_last"]
+    assert "unet_step_speedup" in unet_only["summary"] and "vae_decode_speedup" not in unet_only["summary"]
+    with pytest.raises(ValueError, match="--modules: unknown \\['vae'\\]"):
+        run_winograd_bench("sd15", 64, modules=("vae",), tiny=True, say=lambda s: None)
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -255,3 +262,148 @@ def test_training_stays_on_conv2d_and_restore_releases_the_workspaces():
     assert net[0].calls["winograd"] == 1 and workspace_bytes() > 0
     patched.restore()
     assert workspace_bytes() == 0
+
+
+def _fused_or_skip():
+    from sdaccel.kernels.fused import fused_transforms_work
+
+    if not fused_transforms_work():
+        pytest.skip("the compiled Winograd transforms need a working C++ compiler (torch.compile/inductor); "
+                    "the eager transforms are tested above")
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_compiled_transforms_match_conv2d_and_the_eager_path_in_both_layouts(m):
+    _fused_or_skip()
+    g = torch.Generator().manual_seed(m)
+    # exact and ragged tiles, batch 1 and 2, no bias; one band, several, and a last band of one tile row
+    for (n, c, k, h, w, pad, band, with_bias) in [(2, 16, 8, 4 * 6, 4 * 5, 1, 2, True),
+                                                   (1, 8, 12, 13, 9, 1, 3, False), (2, 12, 5, 11, 17, 0, None, True)]:
+        x = torch.randn(n, c, h, w, generator=g)
+        weight = torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
+        bias = torch.randn(k, generator=g) if with_bias else None
+        ref = F.conv2d(x, weight, bias, padding=pad)
+        u = filter_transform(weight, m)
+        for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+            with torch.inference_mode():
+                out = winograd_conv2d(xi, u, bias, m=m, padding=pad, band_tiles=band, fused=True)
+                eager = winograd_conv2d(xi, u, bias, m=m, padding=pad, band_tiles=band)
+            assert out.shape == ref.shape
+            assert out.is_contiguous(memory_format=torch.channels_last if xi is not x else torch.contiguous_format)
+            assert _rel(out, ref) < BOUNDS[m] and _rel(out, eager) < BOUNDS[m]
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_transforms(monkeypatch, caplog):
+    """The compiler is the external edge: when it breaks at run time the layer still computes, and says so once."""
+    from sdaccel.kernels import fused
+
+    monkeypatch.setattr(fused, "_STATE", {"ok": True})  # as if the probe had passed; restored after the test
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(fused, "compiled_input_band", broken)
+    x = torch.randn(1, 6, 10, 10)
+    weight = torch.randn(4, 6, 3, 3) / 7
+    with caplog.at_level("WARNING", logger="sdaccel.kernels.fused"):
+        out = winograd_conv2d(x, filter_transform(weight, 4), None, m=4, padding=1, fused=True)
+        again = winograd_conv2d(x, filter_transform(weight, 4), None, m=4, padding=1, fused=True)
+    ref = F.conv2d(x, weight, padding=1)
+    assert _rel(out, ref) < BOUNDS[4] and _rel(again, ref) < BOUNDS[4]
+    assert not fused.fused_transforms_work()
+    warnings = [r for r in caplog.records if "compiled transforms failed" in r.getMessage()]
+    assert len(warnings) == 1 and "InvalidCxxCompiler" in warnings[0].getMessage()
+
+
+def test_calibration_keeps_layouts_and_transform_engines_apart(tmp_path):
+    from sdaccel.kernels.calibrate import shape_key
+
+    keys = {shape_key(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"), channels_last=cl, fused=fu)
+            for cl in (False, True) for fu in (False, True)}
+    assert len(keys) == 4
+    calib = Calibration(tmp_path, repeats=1)
+    calib.timings(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    calib.timings(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"), channels_last=True)
+    assert calib.measured_shapes == 2 and len(json.loads(calib.path.read_text())["shapes"]) == 2
+    assert Calibration(tmp_path, fused=True).tiles == (2, 4, 6) and calib.tiles == (2, 4)
+
+
+def test_under_torch_compile_and_tracing_the_compiler_runs_the_convolutions():
+    """A compiled model (torch.compile, or the jit trace OpenVINO converts) holds F.conv2d: the compiler picks its
+    own algorithm."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(1, 4, 12, 12)
+    with torch.inference_mode():
+        ref = net(x)
+    patched = patch_convs(net, _always(4), FilterCache(2**30))
+    compiled = torch.compile(net, backend="eager")
+    with torch.inference_mode():
+        out = compiled(x)
+    assert [layer.calls["winograd"] for layer in (net[0], net[2])] == [0, 0]
+    assert _rel(out, ref) < 1e-6
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert graph.count("aten::_convolution") == 2 and "mkldnn" not in graph
+    assert net[0].calls["winograd"] == 0
+    with torch.no_grad():
+        assert _rel(traced(x), ref) < 1e-6
+    with torch.inference_mode():
+        net(x)  # the same layers outside the compiled graph run Winograd
+    assert net[0].calls["winograd"] == 1
+    patched.restore()
+
+
+def test_the_automatic_filter_budget_leaves_room_next_to_a_large_model(monkeypatch):
+    """The machine's free memory is the external edge: with little left after loading, the budget shrinks."""
+    from sdaccel.optim.units import winograd as unit
+
+    monkeypatch.setattr(unit, "_available_memory_bytes", lambda: 64 * 2**40)
+    roomy = unit.default_filter_budget_mb()
+    assert 0 < roomy <= 8 * 1024  # at most 8 GiB (and 30% of RAM) however much is free
+    monkeypatch.setattr(unit, "_available_memory_bytes", lambda: 10 * 2**30)  # SDXL loaded on a 24 GB machine
+    assert unit.default_filter_budget_mb() == min(roomy, 4096)
+    monkeypatch.setattr(unit, "_available_memory_bytes", lambda: None)  # not Linux: the RAM rules alone
+    assert unit.default_filter_budget_mb() == roomy
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21-v", "sdxl-base", "sdxl-refiner"])
+def test_every_family_unet_and_vae_run_winograd_to_fp32_rounding(family, tmp_path):
+    """Each architecture's UNet (SD1.x/Taiyi/SD2.x share one layout; SDXL base and refiner differ) and its VAE."""
+    from sdaccel.optim.families import get_family
+    from sdaccel.optim.registry import ApplyContext, apply_all, remove_all
+    from sdaccel.optim.synthetic import build_pipeline
+    from sdaccel.optim.units.winograd import WinogradConfig
+
+    pipe = build_pipeline(family, tiny=True)
+    unet, vae = pipe.unet, pipe.vae
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        ids = 5 if family == "sdxl-refiner" else 6
+        pooled = unet.add_embedding.linear_1.in_features - ids * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled, generator=g),
+                 "time_ids": torch.tensor([[128, 128, 0, 0, 128, 128][:ids]] * 2, dtype=torch.float32)}
+    latent = torch.randn(1, vae.config.latent_channels, 16, 16, generator=g)
+
+    def outputs():
+        with torch.inference_mode():
+            return (unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample,
+                    vae.decode(latent).sample)
+
+    plain = outputs()
+    handles = apply_all(pipe, [WinogradConfig(tile="f4", calibration_dir=str(tmp_path))],
+                        ApplyContext(device=torch.device("cpu"), family=get_family(family)))
+    try:
+        patched = outputs()
+        layers = [layer for p in handles[0].info["patched"] for layer in p.adapters()]
+        assert layers and {p.module for p in handles[0].info["patched"]} == {unet, vae}
+        ran = [layer for layer in layers if sum(layer.calls.values())]  # the VAE encoder does not run here
+        assert ran and all(layer.calls["winograd"] == sum(layer.calls.values()) for layer in ran)
+    finally:
+        remove_all(handles)
+    for got, ref in zip(patched, plain):
+        assert _rel(got, ref) < BOUNDS[4]
+    assert all(type(m) is not WinogradConv2d for m in list(unet.modules()) + list(vae.modules()))

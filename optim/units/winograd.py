@@ -1,11 +1,13 @@
 """Winograd convolution for the 3x3 stride-1 convolutions of the UNet and the VAE.
 
 The headline technique of the optimized stable-diffusion.cpp (arXiv 2412.05781), done in PyTorch:
-fewer multiplications per output (F(2,3): 2.25x, F(4,3): 4x fewer) where oneDNN's direct
-convolution is already at the CPU's peak. Which algorithm runs is measured per convolution shape
-on this machine once and kept on disk (see kernels/calibrate.py): a layer switches to Winograd only
-where it is measurably faster, so no layer gets slower. Outputs match F.conv2d to fp32 rounding
-(about 1e-6 relative for F(2,3), 1e-5 for F(4,3)); half precision stays on F.conv2d.
+fewer multiplications per output (F(2,3): 2.25x, F(4,3): 4x, F(6,3): 5.1x fewer) where oneDNN's
+direct convolution is already at the CPU's peak. Which algorithm runs is measured per convolution
+shape and memory layout on this machine once and kept on disk (see kernels/calibrate.py): a layer
+switches to Winograd only where it is measurably faster, so no layer gets slower. The transforms run
+compiled where a C++ compiler works (kernels/fused.py), eager otherwise. Outputs match F.conv2d to
+fp32 rounding (about 1e-6 relative for F(2,3), 3e-5 for F(4,3)/F(6,3)); half precision stays on
+F.conv2d, and a model compiled by the compile unit runs its own convolutions.
 """
 
 from __future__ import annotations
@@ -32,15 +34,23 @@ class WinogradConfig(OptimizationConfig):
 
     kind: ClassVar[str] = "winograd"
     unet: bool = option(True, "Use Winograd in the UNet's 3x3 convolutions (most of a CPU step)")
-    vae: bool = option(False, "Use Winograd in the VAE's 3x3 convolutions. Off by default: per layer it wins up to "
-                       "1.7x, but the whole SD1.5 decode at 512x512 measured 0.88x on a 2-core CPU (its large "
-                       "maps make the transformed buffers memory-bound once caches are cold)")
-    tile: str = option("auto", "auto: per convolution shape, measure F.conv2d, F(2,3) and F(4,3) once on this "
-                       "machine and keep the fastest (never slower than F.conv2d). f2/f4/f6 force one tile "
-                       "everywhere (f6: fewest multiplications, largest rounding error)", choices=TILE_CHOICES)
-    filter_cache_mb: int = option(0, "Memory for transformed filters (F(4,3) filters take 4x the layer's weight, "
-                                  "F(2,3) 1.8x). Layers that find no room stay on F.conv2d. 0 = auto: 30% of RAM, "
-                                  "at most 8 GiB (all of SD1.5's UNet fits in about 7 GiB)", min=0, max=262144,
+    vae: bool = option(True, "Use Winograd in the VAE's 3x3 convolutions: the whole SD1.5 decode at 512x512 "
+                       "measured 1.39x on a 2-core CPU with the compiled transforms (the eager ones lose on the "
+                       "VAE's large maps, and the calibration then keeps most of its layers on F.conv2d)")
+    tile: str = option("auto", "auto: per convolution shape, measure F.conv2d, F(2,3), F(4,3) and (with the compiled "
+                       "transforms) F(6,3) once on this machine and keep the fastest (never slower than "
+                       "F.conv2d). f2/f4/f6 force one tile everywhere (f6: fewest multiplications, largest "
+                       "rounding error, 7x the layer's weight in transformed filters)", choices=TILE_CHOICES)
+    fused_transforms: bool = option(True, "Run the input and output transforms as compiled loops (torch.compile's "
+                                    "C++ backend): about 4x faster transforms, which is what makes the VAE's large "
+                                    "layers and F(6,3) pay. Needs a C++ compiler and costs a one-time compile (about "
+                                    "20-30 s per tile size and memory layout, kept in inductor's disk cache); without "
+                                    "one the eager PyTorch transforms run")
+    filter_cache_mb: int = option(0, "Memory for transformed filters (F(6,3) filters take 7.1x the layer's weight, "
+                                  "F(4,3) 4x, F(2,3) 1.8x). A layer whose best tile finds no room takes the next "
+                                  "fastest, or stays on F.conv2d. 0 = auto: 30% of RAM, at most 8 GiB and at most 40% "
+                                  "of the memory left once the model is loaded (SD1.5's UNet and VAE at 512x512 "
+                                  "took 7.2 GiB)", min=0, max=262144,
                                   step=64)
     calibration_dir: str = option("", "Folder for the per-machine calibration file (empty: ~/.cache/sdaccel, or "
                                   "$SDACCEL_CACHE_DIR)")
@@ -49,23 +59,40 @@ class WinogradConfig(OptimizationConfig):
 class _Planner:
     """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd tile/band."""
 
-    def __init__(self, cfg: WinogradConfig, calibration):
+    def __init__(self, cfg: WinogradConfig, calibration_dir: str | None = None):
         self.cfg = cfg
-        self.calibration = calibration
+        self.calibration_dir = calibration_dir
+        self._calibration = None
         self.memo: dict = {}
         self.run: RunContext | None = None
 
-    def __call__(self, layer, shape, dtype, device):
-        key = (id(layer), tuple(shape), dtype, device)
+    @property
+    def fused(self) -> bool:
+        """Whether the compiled transforms run (asked for, and they build here): decided at the first call."""
+        from ...kernels.fused import fused_transforms_work
+
+        return self.cfg.fused_transforms and fused_transforms_work()
+
+    @property
+    def calibration(self):
+        if self._calibration is None:
+            from ...kernels.calibrate import Calibration
+
+            self._calibration = Calibration(self.calibration_dir, fused=self.fused)
+        return self._calibration
+
+    def __call__(self, layer, x: torch.Tensor):
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        key = (id(layer), tuple(x.shape), x.dtype, x.device, channels_last)
         choice = self.memo.get(key)
         if choice is None:
-            choice = self._decide(layer, shape, dtype, device)
+            choice = self._decide(layer, x.shape, x.dtype, x.device, channels_last)
             self.memo[key] = choice
         if self.run is not None:
             self.run.count("winograd_calls" if choice[0] == "winograd" else "winograd_conv2d_calls")
         return choice
 
-    def _decide(self, layer, shape, dtype, device):
+    def _decide(self, layer, shape, dtype, device, channels_last: bool):
         if dtype != torch.float32 and self.cfg.tile == "auto":
             return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
         if self.cfg.tile != "auto":
@@ -73,7 +100,7 @@ class _Planner:
             return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
         n, c, h, w = shape
         before = self.calibration.measured_s
-        timings = self.calibration.timings(n, c, layer.out_channels, h, w, layer.pad, dtype, device)
+        timings = self.calibration.timings(n, c, layer.out_channels, h, w, layer.pad, dtype, device, channels_last)
         if self.run is not None and self.calibration.measured_s > before:
             self.run.count("winograd_calibration_s", round(self.calibration.measured_s - before, 3))
         # fastest first; a tile whose filters find no room in the budget falls to the next candidate
@@ -95,15 +122,33 @@ def _ranked(timings: dict) -> list:
     return [c for _, c in sorted(ranked)] + [("conv2d", 0, 0)]
 
 
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_filter_budget_mb() -> int:
-    """30% of physical memory, at most 8 GiB: enough for every SD1.5 UNet layer's F(4,3) filters on 24 GB."""
+    """The smallest of 8 GiB, 30% of physical memory and 40% of the memory still available once the model is
+    loaded: SD1.5's UNet and VAE take 7.2 GiB of filters on a 24 GB machine, while next to SDXL's 10 GB UNet
+    the 30% rule alone ran the same machine out of memory."""
     import os
 
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 16 * 2**30
-    return int(min(8 * 2**30, total * 0.3) // 2**20)
+    budget = min(8 * 2**30, total * 0.3)
+    available = _available_memory_bytes()
+    if available is not None:
+        budget = min(budget, available * 0.4)
+    return int(budget // 2**20)
 
 
 @register
@@ -124,10 +169,8 @@ class Winograd(Unit):
 
     def _apply(self, pipe, cfg: WinogradConfig, ctx: ApplyContext, patch) -> None:
         from ...kernels.adapter import FilterCache, patch_convs
-        from ...kernels.calibrate import Calibration
 
-        calibration = Calibration(cfg.calibration_dir or None)
-        planner = _Planner(cfg, calibration)
+        planner = _Planner(cfg, cfg.calibration_dir or None)
         cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)  # shared by every module
         patched = []
         for name in ("unet", "vae"):
