@@ -139,17 +139,26 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
     return results
 
 
+def parse_candidate(name: str) -> tuple[int, int] | None:
+    """(tile m, band) of a Winograd timing entry named f{m}b{band}; None for F.conv2d and other entries."""
+    if not name.startswith("f") or name.startswith("filter"):
+        return None
+    return int(name[1:name.index("b")]), int(name[name.index("b") + 1:])
+
+
+def ranked_choices(timings: dict) -> list[tuple[str, int, int]]:
+    """Winograd candidates within the margin of F.conv2d, fastest first (ties in measurement order), then
+    ("conv2d", 0, 0): a layer whose filters find no room takes the next one."""
+    base = timings["conv2d"]
+    fast = [(t, tile_band) for name, t in timings.items()
+            if (tile_band := parse_candidate(name)) is not None and t <= base * MARGIN]
+    fast.sort(key=lambda item: item[0])
+    return [("winograd", m, band) for _, (m, band) in fast] + [("conv2d", 0, 0)]
+
+
 def best_choice(timings: dict) -> tuple[str, int, int]:
     """("conv2d", 0, 0) or ("winograd", m, band) from a timing table, honouring the margin."""
-    base = timings["conv2d"]
-    best, best_t = ("conv2d", 0, 0), base
-    for name, t in timings.items():
-        if not name.startswith("f") or name.startswith("filter"):
-            continue
-        m, band = int(name[1:name.index("b")]), int(name[name.index("b") + 1:])
-        if t <= base * MARGIN and t < best_t:
-            best, best_t = ("winograd", m, band), t
-    return best
+    return ranked_choices(timings)[0]
 
 
 class Calibration:

@@ -148,10 +148,11 @@ def give_up(exc: BaseException) -> None:
 
 def fused_transforms_work() -> bool:
     """Whether the compiled transforms build and run here (tried once per process; False without a working
-    C++ compiler, or where torch.compile is unsupported). The first call pays the compilation."""
-    with _LOCK:
-        if "ok" in _STATE:
-            return _STATE["ok"]
+    C++ compiler, or where torch.compile is unsupported). The first call pays the compilation; later calls
+    (one per layer call) only read the answer."""
+    known = _STATE.get("ok")
+    if known is not None:
+        return known
     ok = False
     try:
         x = torch.arange(2 * 10 * 10 * 3, dtype=torch.float32).reshape(2, 10, 10, 3)

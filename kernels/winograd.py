@@ -64,6 +64,11 @@ def is_eligible(conv: torch.nn.Conv2d) -> bool:
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" and pad_ok)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-d activation is stored NHWC (the layout Winograd then reads and writes)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def conv_padding(conv: torch.nn.Conv2d) -> int:
     pad = conv.padding
     if isinstance(pad, str):
@@ -278,7 +283,7 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     tiles_h, tiles_w = math.ceil(ho / m), math.ceil(wo / m)
     hp, wp = tiles_h * m + 2, tiles_w * m + 2
     k = u.shape[1]
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    nhwc = is_channels_last(x)
     out = torch.empty(n, ho, wo, k, dtype=x.dtype, device=x.device) if nhwc else \
         torch.empty(n, k, ho, wo, dtype=x.dtype, device=x.device)
     band = tiles_h if not band_tiles else max(1, min(band_tiles, tiles_h))

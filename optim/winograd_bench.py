@@ -71,7 +71,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _shape_rows(shapes: Counter, calibration, section: str, channels_last: bool = False) -> list[dict]:
-    from ..kernels.calibrate import best_choice
+    from ..kernels.calibrate import best_choice, parse_candidate
 
     rows = []
     for (n, c, k, h, w, pad), count in sorted(shapes.items(), key=lambda kv: (-kv[0][3], kv[0][1])):
@@ -79,9 +79,8 @@ def _shape_rows(shapes: Counter, calibration, section: str, channels_last: bool 
         kind, m, band = best_choice(timings)
         conv_ms = timings["conv2d"] * 1e3
         chosen_ms = conv_ms if kind == "conv2d" else timings[f"f{m}b{band}"] * 1e3
-        best_wino = min((v, name) for name, v in timings.items() if name.startswith("f") and not
-                        name.startswith("filter"))
-        err_tile = m if kind == "winograd" else int(best_wino[1][1:best_wino[1].index("b")])
+        best_wino = min((v, name) for name, v in timings.items() if parse_candidate(name) is not None)
+        err_tile = m if kind == "winograd" else parse_candidate(best_wino[1])[0]
         rows.append({"section": section, "shape": f"N{n} C{c} {h}x{w} -> K{k}", "n": n, "c": c, "k": k, "h": h,
                      "w": w, "padding": pad, "count": count, "conv2d_ms": round(conv_ms, 3),
                      "winograd_ms": round(chosen_ms, 3), "best_winograd_ms": round(best_wino[0] * 1e3, 3),

@@ -82,7 +82,9 @@ class _Planner:
         return self._calibration
 
     def __call__(self, layer, x: torch.Tensor):
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        from ...kernels.winograd import is_channels_last
+
+        channels_last = is_channels_last(x)
         key = (id(layer), tuple(x.shape), x.dtype, x.device, channels_last)
         choice = self.memo.get(key)
         if choice is None:
@@ -103,23 +105,13 @@ class _Planner:
         timings = self.calibration.timings(n, c, layer.out_channels, h, w, layer.pad, dtype, device, channels_last)
         if self.run is not None and self.calibration.measured_s > before:
             self.run.count("winograd_calibration_s", round(self.calibration.measured_s - before, 3))
+        from ...kernels.calibrate import ranked_choices
+
         # fastest first; a tile whose filters find no room in the budget falls to the next candidate
-        for kind, m, band in _ranked(timings):
+        for kind, m, band in ranked_choices(timings):
             if kind == "conv2d" or layer.reserve(m):
                 return (kind, m, band)
         return ("conv2d", 0, 0)
-
-
-def _ranked(timings: dict) -> list:
-    """Candidates faster than F.conv2d by the margin, fastest first, then F.conv2d."""
-    from ...kernels.calibrate import MARGIN
-
-    base = timings["conv2d"]
-    ranked = []
-    for name, t in timings.items():
-        if name.startswith("f") and not name.startswith("filter") and t <= base * MARGIN:
-            ranked.append((t, ("winograd", int(name[1:name.index("b")]), int(name[name.index("b") + 1:]))))
-    return [c for _, c in sorted(ranked)] + [("conv2d", 0, 0)]
 
 
 def _available_memory_bytes() -> int | None:
