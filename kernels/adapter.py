@@ -13,8 +13,16 @@ from typing import Callable
 
 import torch
 
-from .winograd import (conv_padding, filter_bytes, filter_transform, is_eligible, pack_filters, release_workspaces,
-                       thread_workspace, winograd_conv2d)
+from .winograd import (
+    conv_padding,
+    filter_bytes,
+    filter_transform,
+    is_eligible,
+    pack_filters,
+    release_workspaces,
+    thread_workspace,
+    winograd_conv2d,
+)
 
 # What to run for an input: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
 # A planner is called as planner(layer, x) for the input tensor x; one with a true `fused` attribute has

@@ -7,12 +7,10 @@ after this node apply to both models.
 
 from __future__ import annotations
 
-from ..optim.errors import ConfigError
+from ..optim.spec.ensemble import EnsembleSpec
+from ..optim.spec.errors import ConfigError
+from .inputs import ui_fields, values, widget
 from .pipe import PIPE, SDAccelPipe
-
-SWITCH_AT = ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
-                       "tooltip": "Fraction of the schedule the base model denoises before the refiner takes over "
-                                  "(the SDXL study recommends 0.9 rather than 0.8; 1.0 = base only)"})
 
 
 class SDAccelRefinerEnsemble:
@@ -26,16 +24,22 @@ class SDAccelRefinerEnsemble:
     FUNCTION = "combine"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"base": (PIPE, {"tooltip": "The SDXL base model (with its optimizations)"}),
-                             "refiner": (PIPE, {"tooltip": "The SDXL refiner model (sd_xl_refiner_1.0)"}),
-                             "switch_at": SWITCH_AT}}
+    def fields(cls):
+        return ui_fields(EnsembleSpec)
 
-    def combine(self, base: SDAccelPipe, refiner: SDAccelPipe, switch_at: float):
-        if base.refiner is not None or refiner.refiner is not None:
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"base": (PIPE, {"tooltip": "The SDXL base model (with its optimizations)"}),
+                    "refiner": (PIPE, {"tooltip": "The SDXL refiner model (sd_xl_refiner_1.0)"})}
+        required.update({info.name: widget(info) for info in cls.fields()})
+        return {"required": required}
+
+    def combine(self, base: SDAccelPipe, refiner: SDAccelPipe, **given):
+        if isinstance(base.spec, EnsembleSpec) or isinstance(refiner.spec, EnsembleSpec):
             raise ConfigError("SDAccelRefinerEnsemble", "an input is already an ensemble",
                               "connect the base and refiner loaders (or their toggles) directly")
-        merged = base.with_refiner(refiner.spec, switch_at)
+        spec = EnsembleSpec(base=base.spec, refiner=refiner.spec, **values(self.fields(), given))
+        merged = SDAccelPipe(spec=spec, run_settings=base.run_settings)
         for key, value in refiner.run_settings:
             merged = merged.with_run_settings(**{key: value})
         return (merged,)

@@ -8,16 +8,17 @@ and its data types: IMAGE `[B, H, W, C]` floats in 0..1, LATENT `{"samples": raw
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-
-from ..optim.ensemble import run_ensemble
-from ..optim.errors import GenerationInterrupted
-from ..optim.sampler import RunResult, run
-from ..optim.session import PipelineCache, default_cache
-from ..optim.spec import GenerationRequest
-from ..optim.stats import RunStats
+from ..optim.spec.errors import GenerationInterrupted
+from ..optim.spec.pipeline import GenerationRequest
 from . import host
 from .pipe import SDAccelPipe
+
+if TYPE_CHECKING:  # the engine's run code (torch) is imported when a sampler first runs
+    from ..optim.run.cache import PipelineCache
+    from ..optim.run.sampler import RunResult
+    from ..optim.run.stats import RunStats
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,19 @@ KEEP_LOADED_TOOLTIP = ("Keep the prepared pipeline in memory for the next run (C
 
 def engine_cache() -> PipelineCache:
     """The process-wide prepared-pipeline cache the nodes share (one entry per checkpoint)."""
+    from ..optim.run.cache import default_cache
+
     return default_cache()
 
 
 def generate(pipe: SDAccelPipe, request: GenerationRequest, *, keep_loaded: bool = True) -> dict:
     """Run `request` on `pipe` and return the node's {"ui": ..., "result": (IMAGE, LATENT, STRING)}."""
+    from ..optim.run.sampler import run
+
     cache = engine_cache()
     progress, should_interrupt = host.progress_callback(), host.interrupt_check()
     try:  # the engine loads outside ComfyUI's inference mode itself (see PipelineCache.prepare)
-        if pipe.refiner is not None:
-            result = run_ensemble(pipe.spec, pipe.refiner, request, switch_at=pipe.switch_at, cache=cache,
-                                  progress=progress, should_interrupt=should_interrupt)
-        else:
-            result = run(pipe.spec, request, cache=cache, progress=progress, should_interrupt=should_interrupt)
+        result = run(pipe.spec, request, cache=cache, progress=progress, should_interrupt=should_interrupt)
     except GenerationInterrupted as exc:
         log.info("SDAccel: %s; the prepared pipeline stays loaded", exc)
         host.raise_interrupted(exc)
@@ -61,12 +62,22 @@ def _settle_memory(cache: PipelineCache, pipe: SDAccelPipe, keep_loaded: bool) -
 
 def node_output(result: RunResult, pipe: SDAccelPipe) -> dict:
     stats = result.stats
-    payload = {"lines": badge_lines(stats, pipe.toggles()), "summary": stats.summary_line(),
+    applied = applied_toggles(stats, pipe)
+    payload = {"lines": badge_lines(stats, applied), "summary": stats.summary_line(),
                "total_s": round(stats.total_s, 3), "it_per_s": round(stats.it_per_s, 3),
-               "peak_mem_mb": stats.peak_mem_mb, "mem_kind": stats.mem_kind, "toggles": pipe.toggles(),
-               "notes": list(stats.notes)}
+               "peak_mem_mb": stats.peak_mem_mb, "mem_kind": stats.mem_kind, "toggles": applied,
+               "requested": pipe.toggles(), "notes": list(stats.notes)}
     latent = {"samples": result.vae_latents.contiguous()}
     return {"ui": {STATS_KEY: [payload]}, "result": (result.images_tensor, latent, stats_text(stats))}
+
+
+def applied_toggles(stats: RunStats, pipe: SDAccelPipe) -> list[str]:
+    """What ran (the engine's applied configs, after fallbacks), then the pipe's run settings and refiner switch."""
+    from ..optim.spec.optimization import config_class
+    from .pipe import shown_labels
+
+    configs = [config_class(d["kind"])(**{k: v for k, v in d.items() if k != "kind"}) for d in stats.applied]
+    return shown_labels(configs) + pipe.run_toggles()
 
 
 def stats_text(stats: RunStats) -> str:

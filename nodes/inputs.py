@@ -7,7 +7,7 @@ limit reaches ComfyUI without touching this package.
 
 from __future__ import annotations
 
-from ..optim.fields import FieldInfo, describe
+from ..optim.spec.fields import FieldInfo, describe
 
 EMPTY = -1  # widget value standing for an empty (None) optional whole-number field, where allowed
 _INT_BOUND = 2**31 - 1  # ComfyUI's frontend caps unbounded INT widgets at 2048; give explicit limits

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..optim.errors import CheckpointError, ConfigError
-from ..optim.models import ModelRef
-from ..optim.spec import PipelineSpec
+from ..optim.spec.errors import CheckpointError, ConfigError
+from ..optim.spec.model_ref import ModelRef
+from ..optim.spec.pipeline import PipelineSpec
 from . import host
 from .inputs import ui_fields, values, widget
 from .pipe import PIPE, SDAccelPipe

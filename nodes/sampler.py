@@ -6,7 +6,7 @@ outputs are ComfyUI's IMAGE and LATENT plus the run statistics as text and on th
 
 from __future__ import annotations
 
-from ..optim.spec import GenerationRequest
+from ..optim.spec.pipeline import GenerationRequest
 from .generation import KEEP_LOADED_TOOLTIP, generate
 from .inputs import ui_fields, values, widget
 from .pipe import PIPE, PIPE_TOOLTIP

@@ -8,8 +8,8 @@ A unit registered later (e.g. a new kernel) gets its node without any change her
 
 from __future__ import annotations
 
-from ..optim.registry import Unit, all_units
-from ..optim.spec import GenerationRequest
+from ..optim.spec.optimization import OptimizationConfig, config_classes
+from ..optim.spec.pipeline import GenerationRequest
 from . import host
 from .inputs import ui_fields, values, widget
 from .pipe import PIPE, PIPE_TOOLTIP, SDAccelPipe
@@ -33,12 +33,12 @@ class _Toggle:
     FUNCTION = "apply"
 
     @classmethod
-    def unit(cls) -> Unit:
-        return all_units()[cls.KIND]
+    def config_cls(cls) -> type[OptimizationConfig]:
+        return config_classes()[cls.KIND]
 
     @classmethod
     def fields(cls):
-        return ui_fields(cls.unit().config_cls)
+        return ui_fields(cls.config_cls())
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -52,29 +52,29 @@ class _Toggle:
         for name, value in fields.items():
             if isinstance(value, str):
                 fields[name] = host.resolve_model_file(self.KIND, name, value)
-        return (pipe.with_optimization(self.unit().config_cls(**fields)),)
+        return (pipe.with_optimization(self.config_cls()(**fields)),)
 
 
-def _description(unit: Unit) -> str:
-    doc = " ".join((unit.config_cls.__doc__ or "").split())
-    quality = "Lossless." if unit.lossless else "Changes the image (measured; see the stats)."
-    conflicts = "".join(f" Cannot combine with {kind}: {why}." for kind, why in unit.conflicts.items())
-    return f"{unit.title}: {doc} {quality}{conflicts}".strip()
+def _description(cfg_cls: type[OptimizationConfig]) -> str:
+    doc = " ".join((cfg_cls.__doc__ or "").split())
+    quality = "Lossless." if cfg_cls.lossless else "Changes the image (measured; see the stats)."
+    conflicts = "".join(f" Cannot combine with {kind}: {why}." for kind, why in cfg_cls.conflicts.items())
+    return f"{cfg_cls.title}: {doc} {quality}{conflicts}".strip()
 
 
 def toggle_nodes() -> dict[str, type]:
     """{node id: class} for every registered optimization unit, in canonical order."""
     nodes = {}
-    for kind, unit in all_units().items():
-        cls = type(node_id(kind), (_Toggle,), {"KIND": kind, "DESCRIPTION": _description(unit),
-                                               "__doc__": f"Toggle node for the {unit.title} optimization.",
+    for kind, cfg_cls in config_classes().items():
+        cls = type(node_id(kind), (_Toggle,), {"KIND": kind, "DESCRIPTION": _description(cfg_cls),
+                                               "__doc__": f"Toggle node for the {cfg_cls.title} optimization.",
                                                "__module__": __name__})
         nodes[cls.__name__] = cls
     return nodes
 
 
 def display_name(cls) -> str:
-    return f"SDAccel {cls.unit().title}"
+    return f"SDAccel {cls.config_cls().title}"
 
 
 class SDAccelCFGCutoff:

@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from .errors import SDAccelError
-from .fields import describe
+from .spec.errors import ConfigError, SDAccelError
+from .spec.fields import describe, parse_text
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +52,33 @@ def config_from_args(cls, args: argparse.Namespace, *, prefix: str = "", **extra
 
 def _parse_opt(text: str):
     """`kind` or `kind:field=value,field=value` -> an optimization config."""
-    from .registry import config_class
+    from .spec.optimization import config_class
 
     kind, _, body = text.partition(":")
     cls = config_class(kind.strip().replace("-", "_"))
     fields = {f.name: f for f in describe(cls)}
     values = {}
     for item in filter(None, (p.strip() for p in body.split(","))):
-        key, _, raw = item.partition("=")
+        key, sep, raw = item.partition("=")
         info = fields.get(key.strip())
         if info is None:
-            raise SDAccelError(f"--opt {text}: {kind} has no field {key!r} (fields: {', '.join(fields)})")
-        if info.kind is bool:
-            values[info.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            values[info.name] = info.kind(raw.strip()) if info.kind in (int, float) else raw.strip()
+            raise ConfigError(f"--opt {text}", f"{cls.kind} has no field {key.strip()!r}",
+                              f"fields: {', '.join(fields)}")
+        if not sep:
+            raise ConfigError(f"--opt {text}", f"{key.strip()!r} has no value", f"write {key.strip()}=VALUE")
+        try:
+            values[info.name] = parse_text(cls.__name__, info, raw)
+        except ConfigError as exc:
+            raise ConfigError(f"--opt {text}", str(exc)) from exc
     return cls(**values)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .families import FAMILIES
-    from .models import ModelRef
-    from .presets import preset_names
-    from .spec import GenerationRequest
+    from .bench.presets import preset_names
+    from .models.families import FAMILIES
+    from .spec.ensemble import EnsembleSpec
+    from .spec.model_ref import ModelRef
+    from .spec.pipeline import GenerationRequest
 
     parser = argparse.ArgumentParser(prog="python -m sdaccel", description="SDAccel: measured Stable Diffusion "
                                      "acceleration. Generate images or benchmark optimization presets.")
@@ -90,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="add an optimization, e.g. channels_last or precision:unet=fp16 (repeatable)")
     gen.add_argument("--preset", action="append", default=[], help="add a bench preset's optimizations")
     gen.add_argument("--out", required=True, help="folder for the PNG files")
+    gen.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: run base + refiner as one schedule "
+                     "(the --checkpoint must be an SDXL base)")
+    add_config_arguments(gen, EnsembleSpec)
 
     bench = sub.add_parser("bench", help="benchmark presets side by side on this machine (or `bench winograd`)")
     bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd"),
@@ -131,7 +139,7 @@ def _png_parameters(spec, request, result, index: int) -> str:
         text += f"\nNegative prompt: {request.negative_prompt}"
     text += (f"\nSteps: {stats.steps}, Sampler: {stats.scheduler}, CFG scale: {stats.cfg}, "
              f"Seed: {(request.seed + index) % 2**64}, Size: {stats.width}x{stats.height}, "
-             f"Model: {Path(spec.model.path).stem}, Family: {stats.family}")
+             f"Model: {Path(spec.specs()[0].model.path).stem}, Family: {stats.family}")
     if request.is_img2img:
         text += f", Denoising strength: {request.strength}"
     return text
@@ -160,10 +168,10 @@ def _unique_path(folder: Path, stem: str) -> Path:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from .models import ModelRef
-    from .presets import resolve_preset
-    from .sampler import run
-    from .spec import GenerationRequest, PipelineSpec
+    from .bench.presets import resolve_preset
+    from .spec.ensemble import EnsembleSpec
+    from .spec.model_ref import ModelRef
+    from .spec.pipeline import GenerationRequest, PipelineSpec
 
     model = config_from_args(ModelRef, args, path=args.checkpoint)
     spec = PipelineSpec(model=model, device=args.device)
@@ -173,6 +181,13 @@ def cmd_generate(args) -> int:
         spec, request = resolve_preset(name).apply(spec, request)
     for text in args.opt:
         spec = spec.with_optimization(_parse_opt(text))
+    if args.refiner:
+        refiner = replace(spec, model=ModelRef(path=args.refiner))
+        spec = config_from_args(EnsembleSpec, args, base=spec, refiner=refiner)
+    elif args.switch_at is not None:
+        raise ConfigError("--switch-at", "applies to the refiner ensemble only", "add --refiner FILE or drop it")
+    _quiet_libraries(args.verbose)
+    from .run.sampler import run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bars: list = []
@@ -189,8 +204,8 @@ def cmd_generate(args) -> int:
         for bar in bars:
             bar.close()
     meta = json.dumps({"spec": spec.to_dict(), "request": {k: v for k, v in request.to_dict().items()
-                                                          if k != "init_image"}, "stats": result.stats.to_dict()},
-                      default=str)
+                                                          if k != "init_image"},
+                       "applied": result.stats.applied, "stats": result.stats.to_dict()}, default=str)
     for i, image in enumerate(result.images):
         path = _unique_path(out, f"sdaccel_{(request.seed + i) % 2**64}")
         _save_png(image, path, {"parameters": _png_parameters(spec, request, result, i), "sdaccel": meta})
@@ -200,15 +215,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchSettings, format_table, run_bench, write_chart, write_json
-    from .presets import PRESETS, resolve_preset
+    from .bench.presets import PRESETS, resolve_preset
+    from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
 
     if args.list_presets:
         for name, preset in PRESETS.items():
             print(f"{name:<26} {preset.description}")
         return 0
+    _quiet_libraries(args.verbose)
     if args.target == "winograd":
-        from .winograd_bench import format_winograd_table, run_winograd_bench
+        from .bench.winograd import format_winograd_table, run_winograd_bench
 
         report = run_winograd_bench(args.family, args.size, repeats=args.repeats, channels_last=args.channels_last,
                                     fused_transforms=not args.eager_transforms,
@@ -252,8 +268,10 @@ def _quiet_libraries(verbose: bool) -> None:
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args.verbose)
-    from .allocator import keep_freed_memory
+    from .testing import enable_synthetic
+
+    enable_synthetic()  # `synthetic:<family>` checkpoints: the bench's random-weight models
+    from .run.allocator import keep_freed_memory
 
     keep_freed_memory()  # our own process: reuse freed memory (1.4x per CPU step with glibc, see allocator.py)
     try:

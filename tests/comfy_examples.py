@@ -84,8 +84,8 @@ def _for_users(description: str) -> str:
 
 def plans() -> list[Plan]:
     """Every example workflow: one per bench preset, one per unit no preset uses, and the Taiyi one."""
-    from sdaccel.optim.presets import PRESETS
-    from sdaccel.optim.registry import all_units
+    from sdaccel.optim.bench.presets import PRESETS
+    from sdaccel.optim.core.registry import all_units
 
     out = [Plan("baseline", "Baseline", PRESETS["baseline"].description, SD15, (), {}, BASELINE_STEPS,
                 reproduces="bench --preset baseline")]
@@ -186,7 +186,7 @@ def build(plan: Plan) -> dict:
     """The UI-format workflow for one plan."""
     from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
     from sdaccel.nodes.toggles import node_id
-    from sdaccel.optim.registry import all_units
+    from sdaccel.optim.core.registry import all_units
 
     graph = _Graph()
     x, y = 40, 240

@@ -12,6 +12,9 @@ ALL_FAMILIES = ["sd15", "taiyi", "sd2-base", "sd21-v", "sd-turbo", "sdxl-base", 
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_libraries():
+    from sdaccel.optim.testing import enable_synthetic
+
+    enable_synthetic()  # `synthetic:<family>` models and the `synthetic` VAE, as the bench uses them
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -30,14 +33,14 @@ class _Checkpoints:
         self._pipes = {}
 
     def pipeline(self, family: str):
-        from sdaccel.optim.synthetic import build_pipeline
+        from sdaccel.optim.testing.random_weights import build_pipeline
 
         if family not in self._pipes:
             self._pipes[family] = build_pipeline(family, tiny=True, seed=0)
         return self._pipes[family]
 
     def get(self, family: str, layout: str = "single", dtype: str = "float32", suffix: str = ".safetensors"):
-        from sdaccel.optim.synthetic import write_checkpoint
+        from sdaccel.optim.testing.random_weights import write_checkpoint
 
         key = (family, layout, dtype, suffix)
         if key not in self._refs:
@@ -54,7 +57,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture
 def cache():
-    from sdaccel.optim.session import PipelineCache
+    from sdaccel.optim.run.cache import PipelineCache
 
     c = PipelineCache(max_entries=2)
     yield c

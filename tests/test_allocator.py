@@ -11,7 +11,7 @@ import pytest
 PROBE = r"""
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from sdaccel.optim.allocator import keep_freed_memory
+    from sdaccel.optim.run.allocator import keep_freed_memory
     assert keep_freed_memory() and keep_freed_memory()  # idempotent
 def cycle():
     t = torch.empty(64 * 2**20 // 4)
@@ -39,14 +39,14 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 
 def test_bench_reports_the_allocator():
-    from sdaccel.optim.capabilities import machine_summary
+    from sdaccel.optim.run.capabilities import machine_summary
 
     assert "allocator" in machine_summary()
 
 
 TRIM_PROBE = r"""
 import os, torch
-from sdaccel.optim.allocator import keep_freed_memory, release_free_memory
+from sdaccel.optim.run.allocator import keep_freed_memory, release_free_memory
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 keep_freed_memory()

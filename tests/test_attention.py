@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import ConfigError, UnavailableError
-from sdaccel.optim.families import get_family
-from sdaccel.optim.registry import ApplyContext, apply_all, remove_all
-from sdaccel.optim.subquad_attention import chunked_attention
-from sdaccel.optim.synthetic import build_pipeline
-from sdaccel.optim.units.attention import AttentionConfig
+from sdaccel.optim.core.registry import ApplyContext, apply_all, remove_all
+from sdaccel.optim.models.families import get_family
+from sdaccel.optim.spec.errors import ConfigError, UnavailableError
+from sdaccel.optim.testing.random_weights import build_pipeline
+from sdaccel.optim.units.attention.subquadratic import chunked_attention
+from sdaccel.optim.units.attention.unit import AttentionConfig
 
 CTX = ApplyContext(device=torch.device("cpu"), family=get_family("sd15"))
 

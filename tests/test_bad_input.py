@@ -9,11 +9,9 @@ import zipfile
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import CheckpointError
-from sdaccel.optim.loader import load_model
-from sdaccel.optim.models import ModelRef
-
+from sdaccel.optim.models.loader import load_model
+from sdaccel.optim.spec.errors import CheckpointError
+from sdaccel.optim.spec.model_ref import ModelRef
 
 
 def _load(path, **kw):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import UnavailableError
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.sampler import run
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.units.offload import OffloadConfig, _supports_disk_groups
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import UnavailableError
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.units.offload.unit import OffloadConfig, _supports_disk_groups
 
 REQ = GenerationRequest(prompt="a mill by a river", width=64, height=64, steps=8, seed=4, scheduler="euler")
 
@@ -60,7 +59,7 @@ def _watch_residency(pipe, log):
 
 
 def test_staged_offload_spills_idle_components_to_disk_on_a_cpu(cache, tmp_path):
-    from sdaccel.optim.registry import RunContext
+    from sdaccel.optim.core.registry import RunContext
 
     base = run(_spec(), REQ, cache=cache)
     spec = _spec("sd15", OffloadConfig(mode="staged", spill_dir=str(tmp_path)))
@@ -95,8 +94,8 @@ def test_staged_offload_spills_idle_components_to_disk_on_a_cpu(cache, tmp_path)
 
 
 def test_staged_spill_rewrites_after_a_weight_change(tmp_path):
-    from sdaccel.optim.offload_store import DiskSpill
-    from sdaccel.optim.synthetic import build_pipeline
+    from sdaccel.optim.testing.random_weights import build_pipeline
+    from sdaccel.optim.units.offload.stores import DiskSpill
 
     vae = build_pipeline("sd15", tiny=True).vae
     spill = DiskSpill(vae, tmp_path / "vae.bin")
@@ -123,8 +122,8 @@ def test_group_offload_spills_to_disk_on_a_cpu_and_is_lossless(cache, tmp_path):
 
 def test_model_offload_mechanics_with_cpu_onload(cache):
     """diffusers' model offload hooks, installed with the CPU as the 'accelerator', then removed exactly."""
-    from sdaccel.optim.patching import PatchSet
-    from sdaccel.optim.units.offload import _enable_diffusers_offload
+    from sdaccel.optim.core.patching import PatchSet
+    from sdaccel.optim.units.offload.unit import _enable_diffusers_offload
 
     base = run(_spec(), REQ, cache=cache)
     pipe = cache.entries()[-1].pipe

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 from PIL import Image
-
 from sdaccel.optim.cli import main
 
 
@@ -81,7 +80,7 @@ def test_bench_prints_a_table_and_writes_the_json_rows(tmp_path, capsys):
 
 
 def test_bench_skips_an_unavailable_preset_with_the_reason(tmp_path, capsys, monkeypatch):
-    from sdaccel.optim.units import precision
+    from sdaccel.optim.units.precision import unit as precision
 
     monkeypatch.setattr(precision, "cpu_has_native", lambda name: False)
     report = tmp_path / "bench.json"

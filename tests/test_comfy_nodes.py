@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sdaccel.nodes import NODE_CLASS_MAPPINGS as NODES
 from sdaccel.nodes import NODE_DISPLAY_NAME_MAPPINGS as NAMES
 from sdaccel.nodes import host
@@ -25,12 +24,12 @@ from sdaccel.nodes.generation import STATS_KEY, badge_lines, engine_cache
 from sdaccel.nodes.inputs import EMPTY, widget
 from sdaccel.nodes.pipe import PIPE, SDAccelPipe
 from sdaccel.nodes.toggles import node_id
-from sdaccel.optim.errors import CheckpointError, ConfigError, ConflictError, GenerationInterrupted
-from sdaccel.optim.fields import describe
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.registry import all_units
-from sdaccel.optim.sampler import run
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+from sdaccel.optim.core.registry import all_units
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import CheckpointError, ConfigError, ConflictError, GenerationInterrupted
+from sdaccel.optim.spec.fields import describe
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = dict(prompt="a red fox", negative_prompt="", width=64, height=64, steps=3, cfg=7.0, seed=5,
@@ -128,7 +127,7 @@ def test_one_toggle_node_per_registered_unit():
     assert toggles == {node_id(kind) for kind in all_units()}
     for kind, unit in all_units().items():
         cls = NODES[node_id(kind)]
-        assert cls.unit() is unit and NAMES[node_id(kind)] == f"SDAccel {unit.title}"
+        assert cls.config_cls() is unit.config_cls and NAMES[node_id(kind)] == f"SDAccel {unit.title}"
         assert cls.RETURN_TYPES == (PIPE,) and cls.INPUT_TYPES()["required"]["pipe"][0] == PIPE
 
 
@@ -235,7 +234,7 @@ def test_a_combination_that_cannot_work_raises_the_engines_fix_it_message():
         toggle(compiled, "offload", mode="staged")
     message = str(caught.value)
     assert "offload + compile" in message or "compile + offload" in message
-    assert all_units()["offload"].conflicts["compile"] in message
+    assert all_units()["offload"].config_cls.conflicts["compile"] in message
     with pytest.raises(ConfigError, match="cache_interval"):
         toggle(load("synthetic-tiny:sd15"), "deepcache", cache_interval=0)
 
@@ -331,8 +330,8 @@ def test_refiner_ensemble_node_runs_both_experts_and_toggles_reach_both(checkpoi
     base, refiner = load(checkpoints.get("sdxl-base").path), load(checkpoints.get("sdxl-refiner").path)
     pipe = call("SDAccelRefinerEnsemble", base=base, refiner=refiner, switch_at=0.5)[0]
     pipe = toggle(pipe, "channels_last")
-    assert pipe.spec.optimization("channels_last") and pipe.refiner.optimization("channels_last")
-    assert pipe.refiner.model == refiner.spec.model and pipe.switch_at == 0.5
+    assert pipe.spec.base.optimization("channels_last") and pipe.spec.refiner.optimization("channels_last")
+    assert pipe.spec.refiner.model == refiner.spec.model and pipe.spec.switch_at == 0.5
     image, latent, stats = call("SDAccelSampler", pipe=pipe, keep_loaded=True, **{**SAMPLE, "steps": 4})["result"]
     assert image.shape == (1, 64, 64, 3) and stats.startswith("sdxl-base+sdxl-refiner ensemble(switch_at=0.5)")
     assert "refiner steps" in stats

@@ -21,9 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 import comfy_examples as examples
+import pytest
 from comfy_runner import input_types_from_object_info, load_workflow, override, ui_to_api
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +97,7 @@ class Server:
 
 def _write_models(models: Path) -> None:
     """Tiny random checkpoints under the names the shipped workflows use (each with its config beside it)."""
-    from sdaccel.optim.synthetic import write_checkpoint
+    from sdaccel.optim.testing.random_weights import write_checkpoint
 
     for name, model in examples.MODELS.items():
         if name.startswith("diffusers/"):
@@ -231,7 +230,7 @@ def test_identical_prompt_is_served_from_comfyuis_cache(comfy, object_info):
 
 
 def test_impossible_combination_reaches_the_error_panel_and_the_server_goes_on(comfy, object_info):
-    from sdaccel.optim.registry import all_units
+    from sdaccel.optim.core.registry import all_units
 
     prompt = _prompt(EXAMPLES / "baseline.json", object_info, comfy.base)
     loader, sampler = _node(prompt, "SDAccelLoader"), _node(prompt, "SDAccelSampler")
@@ -246,7 +245,7 @@ def test_impossible_combination_reaches_the_error_panel_and_the_server_goes_on(c
     assert entry["status"]["status_str"] == "error"
     errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
     assert errors and errors[0]["node_type"] == "SDAccelOffload"
-    assert all_units()["offload"].conflicts["compile"] in errors[0]["exception_message"]
+    assert all_units()["offload"].config_cls.conflicts["compile"] in errors[0]["exception_message"]
     assert errors[0]["exception_type"].endswith("ConflictError")
     ok, _ = comfy.run(_prompt(EXAMPLES / "channels-last.json", object_info, comfy.base))
     assert ok["status"]["status_str"] == "success"

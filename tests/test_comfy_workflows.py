@@ -10,19 +10,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy_examples as examples
 import pytest
 import torch
-
-import comfy_examples as examples
-from comfy_runner import (SINKS, VIRTUAL_NODES, link_inputs, load_workflow, override, run_prompt, ui_to_api,
-                          widget_inputs)
+from comfy_runner import (
+    SINKS,
+    VIRTUAL_NODES,
+    link_inputs,
+    load_workflow,
+    override,
+    run_prompt,
+    ui_to_api,
+    widget_inputs,
+)
 from sdaccel.nodes import NODE_CLASS_MAPPINGS
 from sdaccel.nodes.host import USE_PATH
 from sdaccel.nodes.pipe import SDAccelPipe
 from sdaccel.nodes.toggles import node_id
-from sdaccel.optim.presets import PRESETS
-from sdaccel.optim.registry import all_units
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+from sdaccel.optim.bench.presets import PRESETS
+from sdaccel.optim.core.registry import all_units
+from sdaccel.optim.spec.ensemble import EnsembleSpec
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
@@ -99,7 +107,8 @@ def _expected(path: Path, pipe: SDAccelPipe) -> tuple[PipelineSpec, GenerationRe
     workflow names the weight file a user puts in ComfyUI's model folders.
     """
     plan = {p.name: p for p in examples.plans()}[path.stem]
-    spec = PipelineSpec(model=pipe.spec.model, device=pipe.spec.device)
+    base = pipe.specs()[0]
+    spec = PipelineSpec(model=base.model, device=base.device)
     request = GenerationRequest(steps=examples.BASELINE_STEPS)
     preset = PRESETS.get(path.stem)
     if preset is not None:
@@ -140,13 +149,13 @@ def test_workflow_builds_exactly_what_its_bench_preset_runs(path, checkpoints):
     pipe_id = sampler["inputs"]["pipe"][0]
     pipe = run_prompt(prompt, NODE_CLASS_MAPPINGS, targets=[pipe_id]).results[pipe_id][0]
     spec, request = _expected(path, pipe)
-    assert pipe.spec == spec
+    assert pipe.specs()[0] == spec
     assert pipe.request(steps=sampler["inputs"]["steps"]) == request
     if path.stem == "refiner-ensemble":
-        assert pipe.refiner is not None and pipe.refiner.model.path == tiny[examples.SDXL_REFINER.ckpt_name]
-        assert pipe.switch_at == 0.9
+        assert isinstance(pipe.spec, EnsembleSpec) and pipe.spec.switch_at == 0.9
+        assert pipe.spec.refiner.model.path == tiny[examples.SDXL_REFINER.ckpt_name]
     else:
-        assert pipe.refiner is None
+        assert isinstance(pipe.spec, PipelineSpec)
 
 
 @pytest.fixture(scope="module")

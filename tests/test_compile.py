@@ -15,17 +15,23 @@ import weakref
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import ConfigError, ConflictError, UnavailableError
-from sdaccel.optim.families import get_family
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.patching import PatchSet, installed
-from sdaccel.optim.registry import ApplyContext, RunContext, all_units, check_conflicts, get_unit, resolve_available
-from sdaccel.optim.sampler import run
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.synthetic import build_pipeline
-from sdaccel.optim.units import compile as compile_unit
-from sdaccel.optim.units.compile import CompileConfig, StaleCompileError, WeightWatch, compile_stats
+from sdaccel.optim.core.patching import PatchSet, installed
+from sdaccel.optim.core.registry import (
+    ApplyContext,
+    RunContext,
+    all_units,
+    check_conflicts,
+    get_unit,
+    resolve_available,
+)
+from sdaccel.optim.models.families import get_family
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import ConfigError, ConflictError, UnavailableError
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.testing.random_weights import build_pipeline
+from sdaccel.optim.units.compile import unit as compile_unit
+from sdaccel.optim.units.compile.unit import CompileConfig, StaleCompileError, WeightWatch, compile_stats
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 HAS_OPENVINO = compile_unit.package_available("openvino")
@@ -482,7 +488,7 @@ def test_deepcache_with_inductor_compiles_layers_once_not_every_step():
         pytest.skip("the deepcache unit is not registered in this checkout")
     from contextlib import ExitStack
 
-    from sdaccel.optim.registry import apply_all, remove_all
+    from sdaccel.optim.core.registry import apply_all, remove_all
 
     def steps(pipe, handles):
         context = RunContext(pipe=pipe, family=get_family("sd15"), device="cpu", steps=6, batch=1, cfg_steps=6)

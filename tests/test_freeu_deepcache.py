@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import ConfigError
-from sdaccel.optim.families import get_family
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.registry import ApplyContext, apply_all, remove_all
-from sdaccel.optim.sampler import run
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.synthetic import build_pipeline
-from sdaccel.optim.unet_segments import UNetLayers
-from sdaccel.optim.units.deepcache import DeepCacheConfig
-from sdaccel.optim.units.freeu import FreeUConfig
+from sdaccel.optim.core.registry import ApplyContext, apply_all, remove_all
+from sdaccel.optim.models.families import get_family
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import ConfigError
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.testing.random_weights import build_pipeline
+from sdaccel.optim.units.deepcache.unet_layers import UNetLayers
+from sdaccel.optim.units.deepcache.unit import DeepCacheConfig
+from sdaccel.optim.units.freeu.unit import FreeUConfig
 
 REQ = GenerationRequest(prompt="a harbour", width=64, height=64, steps=7, seed=2, scheduler="euler")
 

@@ -8,9 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ALL_FAMILIES
-from sdaccel.optim.families import get_family
+from sdaccel.optim.models.families import get_family
 
 # Published parameter counts (millions) of each component.
 PUBLISHED_M = {
@@ -52,8 +51,8 @@ def test_shipped_configs_build_the_published_architectures(family, component):
 def test_full_size_key_layout_round_trips_through_diffusers_converters(family):
     """Write every full-size family in the LDM layout (on the meta device) and convert it back."""
     from diffusers.loaders import single_file_utils as sfu
-
-    from sdaccel.optim import detect, ldm_layout
+    from sdaccel.optim.models import detect
+    from sdaccel.optim.testing import ldm_layout
 
     comps = _meta_components(family)
     unet_ldm = {detect.UNET_PREFIX + k: v for k, v in
@@ -98,12 +97,12 @@ def test_full_size_key_layout_round_trips_through_diffusers_converters(family):
 @pytest.mark.slow
 def test_full_size_sd15_a1111_checkpoint_loads_offline_and_generates(tmp_path, no_network, capsys):
     """About 2 GB of fp16 weights in the original key layout, written here, loaded by the real loader."""
-    from sdaccel.optim.loader import load_model
-    from sdaccel.optim.models import ModelRef
-    from sdaccel.optim.sampler import generate
-    from sdaccel.optim.session import PipelineCache
-    from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-    from sdaccel.optim.synthetic import build_pipeline, write_single_file
+    from sdaccel.optim.models.loader import load_model
+    from sdaccel.optim.run.cache import PipelineCache
+    from sdaccel.optim.run.sampler import generate
+    from sdaccel.optim.spec.model_ref import ModelRef
+    from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+    from sdaccel.optim.testing.random_weights import build_pipeline, write_single_file
 
     path = tmp_path / "v1-5-random-fp16.safetensors"
     pipe = build_pipeline("sd15", tiny=False, seed=0)

@@ -7,12 +7,10 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import ALL_FAMILIES
-from sdaccel.optim.errors import CheckpointError
-from sdaccel.optim.loader import load_model
-from sdaccel.optim.models import ModelRef
-
+from sdaccel.optim.models.loader import load_model
+from sdaccel.optim.spec.errors import CheckpointError
+from sdaccel.optim.spec.model_ref import ModelRef
 
 LAYOUTS = [("single", "float32", ".safetensors"), ("single", "float16", ".safetensors"),
            ("single", "float16", ".ckpt"), ("diffusers", "float32", "")]
@@ -133,7 +131,7 @@ def test_a_missing_tokenizer_folder_fails_loudly(checkpoints, tmp_path):
 def test_a_wrong_tokenizer_is_refused(checkpoints, tmp_path):
     import json
 
-    from sdaccel.optim.families import TOKENIZERS_DIR
+    from sdaccel.optim.models.families import TOKENIZERS_DIR
 
     folder = tmp_path / "model"
     shutil.copytree(checkpoints.get("sd15", "diffusers").path, folder)

@@ -44,7 +44,7 @@ def test_inside_the_pack_imports_are_relative():
 def test_pack_imports_without_comfyui_and_does_no_work_at_import():
     code = ("import sys, sdaccel; "
             "assert isinstance(sdaccel.NODE_CLASS_MAPPINGS, dict) and sdaccel.WEB_DIRECTORY == './js'; "
-            "import sdaccel.optim.spec, sdaccel.optim.sampler, sdaccel.optim.cli; "
+            "import sdaccel.optim.spec.pipeline, sdaccel.optim.run.sampler, sdaccel.optim.cli; "
             "heavy = [m for m in ('comfy', 'gradio', 'diffusers', 'transformers') if m in sys.modules]; "
             "print(heavy)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")

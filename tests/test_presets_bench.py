@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-
-from sdaccel.optim.bench import BenchSettings, format_table, run_bench, write_chart
-from sdaccel.optim.errors import ConfigError
-from sdaccel.optim.metrics import psnr_db, ssim
-from sdaccel.optim.presets import PRESETS, resolve_preset
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+from sdaccel.optim.bench.metrics import psnr_db, ssim
+from sdaccel.optim.bench.presets import PRESETS, resolve_preset
+from sdaccel.optim.bench.runner import BenchSettings, format_table, run_bench, write_chart
+from sdaccel.optim.spec.errors import ConfigError
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
 REQUIRED = ["baseline", "fp16", "bf16", "tf32-off", "sdpa", "sliced-attention", "sub-quadratic-attention", "xformers",
             "channels-last", "model-offload", "sequential-offload", "group-offload", "staged", "lowvram",

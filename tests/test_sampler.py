@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ALL_FAMILIES
-from sdaccel.optim.errors import ConfigError, GenerationInterrupted
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.sampler import run
-from sdaccel.optim.schedulers import SCHEDULER_CHOICES
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
+from sdaccel.optim.models.schedulers import SCHEDULER_CHOICES
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import ConfigError, GenerationInterrupted
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
 BASE = GenerationRequest(prompt="a lighthouse at dawn", width=64, height=64, steps=3, seed=11, cfg=7.0)
 
@@ -86,7 +85,7 @@ def test_turbo_defaults_one_step_no_guidance_trailing(family, cache):
     assert result.stats.steps == 1 and result.stats.cfg == 0.0
     assert result.stats.unet_batch_sizes == [1]  # guidance 0: no negative pass
     assert result.stats.scheduler == "Euler a"
-    from sdaccel.optim.schedulers import make_scheduler
+    from sdaccel.optim.models.schedulers import make_scheduler
 
     config = cache.entries()[-1].loaded.scheduler_config
     sched = make_scheduler("euler_a", config, turbo=True)
@@ -116,7 +115,7 @@ def test_img2img_from_pil_tensor_and_file(cache, tmp_path):
 
 
 def test_img2img_strength_picks_the_tail_of_the_schedule(cache):
-    from sdaccel.optim.schedulers import make_scheduler
+    from sdaccel.optim.models.schedulers import make_scheduler
 
     source = run(_spec("sd15"), BASE.with_(steps=6), cache=cache)
     unet = cache.entries()[-1].pipe.unet

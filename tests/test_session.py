@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdaccel.optim import loader as loader_module
-from sdaccel.optim.errors import UnavailableError
-from sdaccel.optim.sampler import run
-from sdaccel.optim.session import PipelineCache
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.units.channels_last import ChannelsLastConfig
-from sdaccel.optim.units.precision import PrecisionConfig
+from sdaccel.optim.models import loader as loader_module
+from sdaccel.optim.run.cache import PipelineCache
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import UnavailableError
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.units.channels_last.unit import ChannelsLastConfig
+from sdaccel.optim.units.precision.unit import PrecisionConfig
 
 REQUEST = GenerationRequest(prompt="a cat", width=64, height=64, steps=2, seed=5)
 
@@ -106,7 +105,7 @@ def test_a_changed_file_on_disk_is_reloaded(checkpoints, cache, tmp_path):
 
 
 def test_an_unavailable_option_falls_back_with_a_note_or_raises_when_strict(checkpoints, cache, monkeypatch):
-    from sdaccel.optim.units import precision
+    from sdaccel.optim.units.precision import unit as precision
 
     spec = PipelineSpec(model=checkpoints.get("sd15"))
     good = run(spec, REQUEST, cache=cache)

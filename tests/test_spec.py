@@ -6,15 +6,13 @@ import dataclasses
 import json
 
 import pytest
-
-from sdaccel.optim.errors import ConfigError, ConflictError
-from sdaccel.optim.fields import describe
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.registry import all_units
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.units.channels_last import ChannelsLastConfig
-from sdaccel.optim.units.precision import PrecisionConfig
-
+from sdaccel.optim.core.registry import all_units
+from sdaccel.optim.spec.errors import ConfigError, ConflictError
+from sdaccel.optim.spec.fields import describe
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.units.channels_last.unit import ChannelsLastConfig
+from sdaccel.optim.units.precision.unit import PrecisionConfig
 
 
 def test_specs_are_frozen_and_with_returns_a_new_one():
@@ -100,7 +98,7 @@ def test_multiple_of_eight_error_suggests_values():
 
 
 def test_every_ui_field_describes_itself_once():
-    from sdaccel.optim.registry import all_units
+    from sdaccel.optim.core.registry import all_units
 
     classes = [GenerationRequest, ModelRef, PipelineSpec] + [u.config_cls for u in all_units().values()]
     for cls in classes:

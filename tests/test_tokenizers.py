@@ -6,10 +6,8 @@ import json
 import re
 
 import pytest
-
-from sdaccel.optim.families import FAMILIES, TOKENIZERS_DIR
-from sdaccel.optim.loader import load_shipped_tokenizer
-
+from sdaccel.optim.models.families import FAMILIES, TOKENIZERS_DIR
+from sdaccel.optim.models.loader import load_shipped_tokenizer
 
 # Published CLIP token ids (OpenAI's tokenizer, quoted in public tokenizer tools and notes).
 KNOWN_CLIP_IDS = {

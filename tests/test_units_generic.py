@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sdaccel.optim.errors import ConfigError
-from sdaccel.optim.fields import describe
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.registry import all_units
-from sdaccel.optim.sampler import run
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.units.precision import PrecisionConfig, _tf32_scope
+from sdaccel.optim.core.registry import all_units
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import ConfigError
+from sdaccel.optim.spec.fields import describe
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.units.precision.unit import PrecisionConfig, _tf32_scope
 
 
 def _bad_values(info):

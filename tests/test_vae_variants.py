@@ -12,21 +12,20 @@ import os
 
 import pytest
 import torch
+from sdaccel.optim.core.patching import installed
+from sdaccel.optim.core.registry import ApplyContext, all_units, apply_all, remove_all
+from sdaccel.optim.models.families import get_family
+from sdaccel.optim.run.cache import PipelineCache
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import AlreadyAppliedError, CheckpointError, ConfigError
+from sdaccel.optim.spec.model_ref import ModelRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.testing import ldm_layout
+from sdaccel.optim.testing.random_weights import build_pipeline
+from sdaccel.optim.units.channels_last.unit import ChannelsLastConfig
+from sdaccel.optim.units.precision.unit import PrecisionConfig
+from sdaccel.optim.units.vae.unit import TinyDecoderVAE, VaeConfig
 from torch import nn
-
-from sdaccel.optim import ldm_layout
-from sdaccel.optim.errors import AlreadyAppliedError, CheckpointError, ConfigError
-from sdaccel.optim.families import get_family
-from sdaccel.optim.models import ModelRef
-from sdaccel.optim.patching import installed
-from sdaccel.optim.registry import ApplyContext, all_units, apply_all, remove_all
-from sdaccel.optim.sampler import run
-from sdaccel.optim.session import PipelineCache
-from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-from sdaccel.optim.synthetic import build_pipeline
-from sdaccel.optim.units.channels_last import ChannelsLastConfig
-from sdaccel.optim.units.precision import PrecisionConfig
-from sdaccel.optim.units.vae import TinyDecoderVAE, VaeConfig
 
 # -- the original TAESD architecture (github.com/madebyollin/taesd), written out as the test's oracle
 
@@ -498,8 +497,8 @@ def test_a_pickle_that_would_run_code_is_refused(pipe, tmp_path):
 
 
 def test_presets_run_here_or_say_why_not(monkeypatch):
-    from sdaccel.optim.presets import resolve_preset
-    from sdaccel.optim.units import precision
+    from sdaccel.optim.bench.presets import resolve_preset
+    from sdaccel.optim.units.precision import unit as precision
 
     spec = PipelineSpec(model=ModelRef.synthetic("sdxl-base", tiny=True), device="cpu")
     request = GenerationRequest()

@@ -8,11 +8,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from sdaccel.kernels.adapter import FilterCache, WinogradConv2d, patch_convs
 from sdaccel.kernels.calibrate import MARGIN, MEASUREMENT, Calibration, best_choice
-from sdaccel.kernels.winograd import (filter_transform, input_transform, input_transform_reference, is_eligible,
-                                      winograd_conv2d)
+from sdaccel.kernels.winograd import (
+    filter_transform,
+    input_transform,
+    input_transform_reference,
+    is_eligible,
+    winograd_conv2d,
+)
 
 BOUNDS = {2: 1e-5, 4: 1e-4, 6: 1e-4}  # max |diff| / max |F.conv2d|, fp32
 
@@ -146,10 +150,10 @@ def test_calibration_is_measured_once_and_kept_on_disk(tmp_path):
 
 
 def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, tmp_path):
-    from sdaccel.optim.models import ModelRef
-    from sdaccel.optim.sampler import run
-    from sdaccel.optim.spec import GenerationRequest, PipelineSpec
-    from sdaccel.optim.units.winograd import WinogradConfig
+    from sdaccel.optim.run.sampler import run
+    from sdaccel.optim.spec.model_ref import ModelRef
+    from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+    from sdaccel.optim.units.winograd.unit import WinogradConfig
 
     spec = PipelineSpec(model=ModelRef.synthetic("sd15", tiny=True), device="cpu")
     req = GenerationRequest(prompt="a barn", width=64, height=64, steps=2, seed=3)
@@ -166,11 +170,11 @@ def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, t
 
 
 def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
-    from sdaccel.optim.errors import UnavailableError
-    from sdaccel.optim.families import get_family
-    from sdaccel.optim.registry import ApplyContext, apply_all
-    from sdaccel.optim.synthetic import build_pipeline
-    from sdaccel.optim.units.winograd import WinogradConfig, _Planner
+    from sdaccel.optim.core.registry import ApplyContext, apply_all
+    from sdaccel.optim.models.families import get_family
+    from sdaccel.optim.spec.errors import UnavailableError
+    from sdaccel.optim.testing.random_weights import build_pipeline
+    from sdaccel.optim.units.winograd.unit import WinogradConfig, _Planner
 
     planner = _Planner(WinogradConfig(fused_transforms=False), str(tmp_path))
     layer = WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1), planner, FilterCache(2**20))
@@ -181,7 +185,7 @@ def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
 
 
 def test_winograd_bench_reports_every_shape(tmp_path):
-    from sdaccel.optim.winograd_bench import format_winograd_table, run_winograd_bench
+    from sdaccel.optim.bench.winograd import format_winograd_table, run_winograd_bench
 
     report = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True, say=lambda s: None,
                                 fused_transforms=False)  # the compiled transforms are covered by the unit test
@@ -356,7 +360,7 @@ def test_under_torch_compile_and_tracing_the_compiler_runs_the_convolutions():
 
 def test_the_automatic_filter_budget_leaves_room_next_to_a_large_model(monkeypatch):
     """The machine's free memory is the external edge: with little left after loading, the budget shrinks."""
-    from sdaccel.optim.units import winograd as unit
+    from sdaccel.optim.units.winograd import unit as unit
 
     monkeypatch.setattr(unit, "_available_memory_bytes", lambda: 64 * 2**40)
     roomy = unit.default_filter_budget_mb()
@@ -370,10 +374,10 @@ def test_the_automatic_filter_budget_leaves_room_next_to_a_large_model(monkeypat
 @pytest.mark.parametrize("family", ["sd15", "sd21-v", "sdxl-base", "sdxl-refiner"])
 def test_every_family_unet_and_vae_run_winograd_to_fp32_rounding(family, tmp_path):
     """Each architecture's UNet (SD1.x/Taiyi/SD2.x share one layout; SDXL base and refiner differ) and its VAE."""
-    from sdaccel.optim.families import get_family
-    from sdaccel.optim.registry import ApplyContext, apply_all, remove_all
-    from sdaccel.optim.synthetic import build_pipeline
-    from sdaccel.optim.units.winograd import WinogradConfig
+    from sdaccel.optim.core.registry import ApplyContext, apply_all, remove_all
+    from sdaccel.optim.models.families import get_family
+    from sdaccel.optim.testing.random_weights import build_pipeline
+    from sdaccel.optim.units.winograd.unit import WinogradConfig
 
     pipe = build_pipeline(family, tiny=True)
     unet, vae = pipe.unet, pipe.vae

@@ -1,8 +1,24 @@
-"""Built-in optimization units; importing this package registers them (class definitions only)."""
+"""Built-in optimizations, one folder each: `config.py` (plain data), `unit.py` (behaviour), helpers beside.
 
-from . import channels_last, compile, precision  # noqa: F401
-from . import attention  # noqa: F401
-from . import deepcache, freeu  # noqa: F401
-from . import offload  # noqa: F401
-from . import vae  # noqa: F401
-from . import winograd  # noqa: F401
+Importing this package does nothing; `load_configs()` registers the config classes (no torch) and
+`load_units()` the behaviour, in this canonical registration order.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN = ("precision", "attention", "channels_last", "winograd", "deepcache", "freeu", "vae", "offload", "compile")
+
+
+def load_configs() -> None:
+    """Register every built-in config class (cheap: no torch)."""
+    for name in BUILTIN:
+        importlib.import_module(f".{name}.config", __name__)
+
+
+def load_units() -> None:
+    """Register every built-in unit (imports torch and the units' helpers)."""
+    load_configs()
+    for name in BUILTIN:
+        importlib.import_module(f".{name}.unit", __name__)

@@ -1,0 +1,1 @@
+"""Benchmarks: presets, the side-by-side runner, fidelity metrics and the Winograd kernel bench."""

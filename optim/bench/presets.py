@@ -1,0 +1,149 @@
+"""Named benchmark configurations (`bench --preset NAME`), combinable as `a+b`.
+
+A preset adds optimization configs to the spec and/or changes per-run request fields. Whether it
+can run here is asked of the units themselves (the same capability checks a real run uses), so an
+unavailable preset is skipped with the unit's own reason instead of being faked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..spec.errors import ConfigError, SDAccelError
+from ..spec.optimization import check_conflicts, config_class
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    optimizations: tuple = ()  # (kind, {field: value}) pairs, built lazily so presets need no torch at import
+    request: dict = field(default_factory=dict)
+    steps_scale: float | None = None  # "30 steps where the baseline runs 50": steps = round(scale * --steps)
+    runner: str = "run"  # "run", or "ensemble" (SDXL base + refiner)
+    needs: str = ""  # a family requirement checked before running ("sdxl")
+
+    def configs(self) -> list:
+        return [config_class(kind)(**fields) for kind, fields in self.optimizations]
+
+    def apply(self, spec, request):
+        """(spec, request) with this preset's optimizations and request changes applied."""
+        for cfg in self.configs():
+            base = spec.optimization(cfg.kind)
+            if base is not None and cfg.kind == "precision":
+                cfg = base.with_(**cfg.changed())
+            spec = spec.with_optimization(cfg)
+        if self.request:
+            request = request.with_(**self.request)
+        if self.steps_scale is not None and request.steps:
+            request = request.with_(steps=max(1, int(round(request.steps * self.steps_scale))))
+        return spec, request
+
+    def unavailable_reason(self, spec, device, family) -> str | None:
+        """Why this preset cannot run on `device` (None if it can)."""
+        from ..core.registry import ApplyContext, check_available
+
+        if self.needs == "sdxl" and family.name not in ("sdxl-base", "sdxl-turbo"):
+            return f"needs an SDXL base model (this is {family.title}); run bench --family sdxl-base"
+        try:
+            configs = list(spec.optimizations)
+            check_conflicts(configs)
+            check_available(configs, ApplyContext(device=device, family=family))
+        except SDAccelError as exc:
+            return str(exc)
+        return None
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("baseline", "Loaded as is: fp32 on a CPU, fp16 on a GPU; nothing else"),
+    Preset("fp16", "UNet and text encoders in fp16 (VAE per family rule)",
+           (("precision", {"unet": "fp16", "text_encoder": "fp16"}),)),
+    Preset("bf16", "UNet and text encoders in bf16 (VAE per family rule)",
+           (("precision", {"unet": "bf16", "text_encoder": "bf16"}),)),
+    Preset("fp32", "Everything in fp32 (the CPU default; on a GPU, the unoptimized reference)",
+           (("precision", {"unet": "fp32", "text_encoder": "fp32", "vae": "fp32"}),)),
+    Preset("channels-last", "UNet convolution weights in NHWC layout", (("channels_last", {"unet": True}),)),
+    Preset("vae-fp16-fix", "fp16-fix VAE (random weights, the family's AutoencoderKL) running in fp16 "
+           "(skipped on a CPU without native fp16)", (("precision", {"vae": "fp16"}), ("vae", {"variant": "fp16_fix", "path": "synthetic"}))),
+    Preset("tiny-vae", "Tiny VAE (TAESD architecture, random weights) decodes instead of the full VAE",
+           (("vae", {"variant": "tiny", "path": "synthetic"}),)),
+    Preset("vae-slicing", "VAE decodes a batch one image at a time", (("vae", {"slicing": True}),)),
+    Preset("vae-tiling", "VAE decodes in overlapping tiles", (("vae", {"tiling": True}),)),
+    Preset("tf32-off", "TF32 off for cuDNN and matmuls during the run (exact fp32; NVIDIA GPUs only)",
+           (("precision", {"tf32": "off"}),)),
+    Preset("sdpa", "PyTorch scaled-dot-product attention (--opt-sdp-attention)",
+           (("attention", {"backend": "sdpa"}),)),
+    Preset("sliced-attention", "Attention one slice of heads at a time (--opt-split-attention)",
+           (("attention", {"backend": "sliced"}),)),
+    Preset("sub-quadratic-attention", "Chunked attention with an online softmax (--opt-sub-quad-attention)",
+           (("attention", {"backend": "sub_quadratic"}),)),
+    Preset("xformers", "xformers memory-efficient attention (--xformers; NVIDIA GPUs only)",
+           (("attention", {"backend": "xformers"}),)),
+    Preset("model-offload", "Whole components visit the GPU in turn", (("offload", {"mode": "model"}),)),
+    Preset("sequential-offload", "Every sub-module visits the GPU per call", (("offload", {"mode": "sequential"}),)),
+    Preset("group-offload", "Groups of blocks offloaded with overlapped copies (spills to disk on a CPU)",
+           (("offload", {"mode": "group"}),)),
+    Preset("staged", "Component staging (--medvram): encoders, UNet and VAE take turns (on a CPU idle parts wait "
+           "on disk)", (("offload", {"mode": "staged"}),)),
+    Preset("lowvram", "UNet blocks visit the GPU one at a time (--lowvram)", (("offload", {"mode": "lowvram"}),)),
+    Preset("freeu", "FreeU with the family's published factors", (("freeu", {}),)),
+    Preset("winograd", "Winograd F(2,3)/F(4,3)/F(6,3) convolutions where measured faster than F.conv2d (CPU)",
+           (("winograd", {}),)),
+    Preset("deepcache", "DeepCache, interval 3, branch 0", (("deepcache", {"cache_interval": 3,
+                                                                           "cache_branch_id": 0}),)),
+    Preset("steps-30", "30 steps where the baseline runs 50 (60% of --steps)", steps_scale=0.6),
+    Preset("steps-25", "25 steps where the baseline runs 50 (50% of --steps)", steps_scale=0.5),
+    Preset("steps-20", "20 steps where the baseline runs 50 (40% of --steps)", steps_scale=0.4),
+    Preset("cfg-cutoff-50", "Guidance stops after 50% of the steps", request={"cfg_cutoff": 0.5}),
+    Preset("cfg-cutoff-75", "Guidance stops after 75% of the steps", request={"cfg_cutoff": 0.75}),
+    Preset("refiner-ensemble", "SDXL base denoises 90% of the schedule, the refiner the rest (same toggles)",
+           runner="ensemble", needs="sdxl"),
+    Preset("fastest", "The seed study's fastest recipe: compiled UNet + Tiny VAE + CFG cutoff at 75% + 30 of 50 "
+           "steps, plus DeepCache (SDAccel's DeepCache combines with the CFG cutoff), in the half precision the "
+           "machine runs natively as the study's fp16 GPU runs did (bf16 on a CPU with AVX512-BF16/AMX, else fp32)",
+           (("precision", {"unet": "half", "text_encoder": "half"}),
+            ("compile", {"backend": "inductor", "freezing": True}), ("vae", {"variant": "tiny", "path": "synthetic"}),
+            ("deepcache", {"cache_interval": 3, "cache_branch_id": 0})), request={"cfg_cutoff": 0.75},
+           steps_scale=0.6),
+    Preset("under-4gb", "Sequential offload + Tiny VAE (0.68 GB peak for SDXL on a 3090 in the study)",
+           (("offload", {"mode": "sequential"}), ("vae", {"variant": "tiny", "path": "synthetic"}))),
+    Preset("under-6gb", "Component staging (5.77 GB for SDXL in the study, no time cost)",
+           (("offload", {"mode": "staged"}),)),
+    Preset("under-8gb", "Compiled UNet + Tiny VAE (6.91 GB for SDXL in the study)",
+           (("compile", {"backend": "inductor", "freezing": True}), ("vae", {"variant": "tiny", "path": "synthetic"}))),
+    Preset("compile-inductor", "UNet compiled by torch.compile (inductor) with freezing, the setting that helps on a "
+           "CPU (weights baked in); the first run pauses to compile (compile_s, ~2 min for a full UNet on 2 cores)",
+           (("compile", {"backend": "inductor", "freezing": True}),)),
+    Preset("compile-openvino", "UNet converted to OpenVINO and compiled for the CPU (fp32); the first run pauses to "
+           "convert (compile_s, ~1-2 min for a full UNet)", (("compile", {"backend": "openvino"}),)),
+)}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def resolve_preset(name: str) -> Preset:
+    """A preset by name; `a+b` combines presets (later ones win on the same field)."""
+    parts = [p.strip() for p in name.split("+") if p.strip()]
+    if not parts:
+        raise ConfigError("preset", "empty preset name", f"choose from: {', '.join(PRESETS)}")
+    found = []
+    for part in parts:
+        if part not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {part!r}", f"choose from: {', '.join(PRESETS)}")
+        found.append(PRESETS[part])
+    if len(found) == 1:
+        return found[0]
+    merged: dict[str, dict] = {}
+    request: dict = {}
+    for preset in found:
+        for kind, fields in preset.optimizations:
+            merged.setdefault(kind, {}).update(fields)
+        request.update(preset.request)
+    scales = [p.steps_scale for p in found if p.steps_scale is not None]
+    ensemble = [p for p in found if p.runner != "run"]
+    return replace(found[0], name=name, description=" + ".join(p.description for p in found),
+                   optimizations=tuple(merged.items()), request=request, steps_scale=scales[-1] if scales else None,
+                   runner=ensemble[-1].runner if ensemble else "run",
+                   needs=next((p.needs for p in found if p.needs), ""))

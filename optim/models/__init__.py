@@ -1,0 +1,1 @@
+"""Model families, checkpoint reading and detection, loaders, schedulers and pipeline assembly."""
