@@ -216,13 +216,14 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.presets import PRESETS, resolve_preset
-    from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
 
-    if args.list_presets:
+    if args.list_presets:  # no torch needed to list them
         for name, preset in PRESETS.items():
             print(f"{name:<26} {preset.description}")
         return 0
     _quiet_libraries(args.verbose)
+    from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
+
     if args.target == "winograd":
         from .bench.winograd import format_winograd_table, run_winograd_bench
 

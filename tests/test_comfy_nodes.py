@@ -101,18 +101,6 @@ print(json.dumps({{"ids": sorted(module.NODE_CLASS_MAPPINGS), "web": module.WEB_
     assert info["comfy"] == [] and not info["cuda_initialized"] and info["new_files"] == []
 
 
-def test_pack_imports_under_the_forge_pins():
-    """A1111-Forge pins diffusers 0.31 / transformers 4.46; the pack must import there too."""
-    forge = Path("/work/venv-forge/bin/python")
-    if not forge.exists():
-        pytest.skip("no Forge-pinned venv at /work/venv-forge (CI runs the whole suite under those pins)")
-    code = "import diffusers, sdaccel; print(diffusers.__version__, len(sdaccel.NODE_CLASS_MAPPINGS))"
-    out = subprocess.run([str(forge), "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    version, count = out.stdout.split()
-    assert version.startswith("0.31") and int(count) == len(STABLE_IDS)
-
-
 def test_node_ids_categories_and_names_are_stable():
     assert list(NODES) == STABLE_IDS
     assert set(NAMES) == set(NODES) and all(name.startswith("SDAccel ") for name in NAMES.values())

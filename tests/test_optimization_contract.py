@@ -16,10 +16,10 @@ import torch
 from sdaccel.optim.core import patching
 from sdaccel.optim.core.patching import OutOfOrderRemovalError, PatchSet, installed, new_patchset
 from sdaccel.optim.core.registry import UNITS, ApplyContext, RunContext, Unit, all_units, apply_all, remove_all
-from sdaccel.optim.spec import optimization as spec_optimization
-from sdaccel.optim.spec.optimization import OptimizationConfig, Stage, canonical_order, check_conflicts
 from sdaccel.optim.models.families import get_family
+from sdaccel.optim.spec import optimization as spec_optimization
 from sdaccel.optim.spec.errors import AlreadyAppliedError, ConflictError, UnavailableError
+from sdaccel.optim.spec.optimization import OptimizationConfig, Stage, canonical_order, check_conflicts
 from sdaccel.optim.testing.random_weights import build_pipeline
 
 CASES = [(kind, i) for kind, unit in all_units().items() for i in range(len(unit.examples()))]

@@ -243,7 +243,7 @@ def family_of_pipeline(pipe) -> Family:
         return FAMILIES["sdxl-refiner" if getattr(pipe, "text_encoder", None) is None else "sdxl-base"]
     if "Bert" in type(getattr(pipe, "text_encoder", None)).__name__:
         return FAMILIES["taiyi"]
-    if getattr(pipe.unet.config, "cross_attention_dim", 768) == 1024:
+    if getattr(pipe.text_encoder.config, "hidden_act", "quick_gelu") == "gelu":  # OpenCLIP ViT-H, not CLIP L
         v_pred = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
         return FAMILIES["sd21-v" if v_pred else "sd2-base"]
     return FAMILIES["sd15"]

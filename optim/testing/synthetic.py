@@ -12,8 +12,7 @@ _SYNTHETIC_SEED = 20250  # fixed, so two benchmark runs decode with the same ran
 def enable_synthetic() -> None:
     """Let `synthetic:<family>`, `synthetic-tiny:<family>` and VaeConfig(path="synthetic") load."""
     from ..models.sources import register_source
-    from ..units.vae.files import SYNTHETIC
-    from .random_weights import load_synthetic
+    from ..units.vae.config import SYNTHETIC
 
     register_source("model", "synthetic", load_synthetic)
     register_source("model", "synthetic-tiny", load_synthetic)
@@ -48,3 +47,10 @@ def synthetic_tiny_vae(latent_channels: int):
     tiny = tiny.to_empty(device="cpu").eval()
     _fill_random_(tiny, torch.Generator().manual_seed(_SYNTHETIC_SEED))
     return tiny
+
+
+def load_synthetic(ref):
+    """LoadedModel for `synthetic:<family>` / `synthetic-tiny:<family>` refs (imports torch when called)."""
+    from .random_weights import load_synthetic as load
+
+    return load(ref)

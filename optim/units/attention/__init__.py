@@ -19,6 +19,8 @@ def apply_attention(pipe, config: AttentionConfig | None = None, *, device=None,
     >>> from sdaccel.optim.units.attention import AttentionConfig, apply_attention
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_attention(pipe, AttentionConfig(backend="sliced"))
+    >>> handle.name
+    'attention'
     >>> handle.remove()
     """
     from ...core.apply import apply

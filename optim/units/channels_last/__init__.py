@@ -18,6 +18,8 @@ def apply_channels_last(pipe, config: ChannelsLastConfig | None = None, *, devic
     >>> from sdaccel.optim.units.channels_last import ChannelsLastConfig, apply_channels_last
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_channels_last(pipe, ChannelsLastConfig())
+    >>> handle.name
+    'channels_last'
     >>> handle.remove()
     """
     from ...core.apply import apply

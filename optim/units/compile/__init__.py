@@ -18,6 +18,8 @@ def apply_compile(pipe, config: CompileConfig | None = None, *, device=None, fam
     >>> from sdaccel.optim.units.compile import CompileConfig, apply_compile
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_compile(pipe, CompileConfig(backend="inductor"))  # doctest: +SKIP (a compile takes minutes)
+    >>> handle.name  # doctest: +SKIP
+    'compile'
     >>> handle.remove()  # doctest: +SKIP (a compile takes minutes)
     """
     from ...core.apply import apply

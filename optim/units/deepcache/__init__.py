@@ -19,6 +19,8 @@ def apply_deepcache(pipe, config: DeepCacheConfig | None = None, *, device=None,
     >>> from sdaccel.optim.units.deepcache import DeepCacheConfig, apply_deepcache
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_deepcache(pipe, DeepCacheConfig(cache_interval=3))
+    >>> handle.name
+    'deepcache'
     >>> handle.remove()
     """
     from ...core.apply import apply

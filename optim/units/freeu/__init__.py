@@ -18,6 +18,8 @@ def apply_freeu(pipe, config: FreeUConfig | None = None, *, device=None, family=
     >>> from sdaccel.optim.units.freeu import FreeUConfig, apply_freeu
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_freeu(pipe, FreeUConfig())
+    >>> handle.name
+    'freeu'
     >>> handle.remove()
     """
     from ...core.apply import apply

@@ -18,6 +18,8 @@ def apply_offload(pipe, config: OffloadConfig | None = None, *, device=None, fam
     >>> from sdaccel.optim.units.offload import OffloadConfig, apply_offload
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_offload(pipe, OffloadConfig(mode="staged"))
+    >>> handle.name
+    'offload'
     >>> handle.remove()
     """
     from ...core.apply import apply

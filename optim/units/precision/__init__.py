@@ -18,6 +18,8 @@ def apply_precision(pipe, config: PrecisionConfig | None = None, *, device=None,
     >>> from sdaccel.optim.units.precision import PrecisionConfig, apply_precision
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_precision(pipe, PrecisionConfig(unet="fp32"))
+    >>> handle.name
+    'precision'
     >>> handle.remove()
     """
     from ...core.apply import apply

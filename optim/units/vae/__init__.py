@@ -18,6 +18,8 @@ def apply_vae(pipe, config: VaeConfig | None = None, *, device=None, family=None
     >>> from sdaccel.optim.units.vae import VaeConfig, apply_vae
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_vae(pipe, VaeConfig(slicing=True))
+    >>> handle.name
+    'vae'
     >>> handle.remove()
     """
     from ...core.apply import apply

@@ -8,6 +8,7 @@ from typing import ClassVar
 from ...spec.fields import option
 from ...spec.optimization import OptimizationConfig, Stage, register_config
 
+SYNTHETIC = "synthetic"  # VaeConfig.path meaning random weights (benchmarks; see optim/testing)
 VARIANTS = ("default", "fp16_fix", "tiny")
 
 

@@ -22,7 +22,6 @@ from ...spec.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
 _WEIGHT_SUFFIXES = tuple(sorted(SAFETENSORS_SUFFIXES)) + tuple(sorted(PICKLE_SUFFIXES))
 _TAESD_KEY = re.compile(r"^(?:taesd_)?(encoder|decoder)\.(\d+\..*)$")  # TAESD module / ComfyUI combined file
 _TAESD_RAW_KEY = re.compile(r"^(\d+)\.(.*)$")  # one nn.Sequential: taesd_decoder.pth / taesd_encoder.pth

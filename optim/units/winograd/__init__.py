@@ -18,6 +18,8 @@ def apply_winograd(pipe, config: WinogradConfig | None = None, *, device=None, f
     >>> from sdaccel.optim.units.winograd import WinogradConfig, apply_winograd
     >>> pipe = build_pipeline("sd15", tiny=True)
     >>> handle = apply_winograd(pipe, WinogradConfig(tile="f2", fused_transforms=False, vae=False))
+    >>> handle.name
+    'winograd'
     >>> handle.remove()
     """
     from ...core.apply import apply
