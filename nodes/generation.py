@@ -1,6 +1,6 @@
 """Running the engine for a sampler node: cache, progress, interrupt, memory, and what the node returns.
 
-The engine does the work (`optim.sampler.run`, `optim.ensemble.run_ensemble`); this module connects it
+The engine does the work (`optim.run.sampler.run`, which runs an `EnsembleSpec` too); this module connects it
 to ComfyUI: its progress bar and interrupt flag, its model manager (which may release our pipelines),
 and its data types: IMAGE `[B, H, W, C]` floats in 0..1, LATENT `{"samples": raw VAE latent}`.
 """

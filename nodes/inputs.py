@@ -1,4 +1,4 @@
-"""ComfyUI input declarations generated from the engine's field descriptions (`optim/fields.py`).
+"""ComfyUI input declarations generated from the engine's field descriptions (`optim/spec/fields.py`).
 
 A field's default, range, step, choices and tooltip are written once, in the engine; the widgets here
 are derived from them, so a node can never offer a value the engine would reject, and a changed

@@ -103,8 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd"),
                        help="presets (default): whole runs per preset; winograd: every 3x3 conv shape, "
                        "F.conv2d vs Winograd")
-    bench.add_argument("--family", default="sd15", choices=sorted(FAMILIES),
-                       help="family to build with random weights (or of --checkpoint)")
+    bench.add_argument("--family", default=None, choices=sorted(FAMILIES),
+                       help="family to build with random weights (default sd15), or an override of what "
+                       "--checkpoint is detected as")
     bench.add_argument("--size", type=int, default=512, help="image side in pixels")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--checkpoint", default=None, help="benchmark this checkpoint instead of random weights")
@@ -139,7 +140,7 @@ def _png_parameters(spec, request, result, index: int) -> str:
         text += f"\nNegative prompt: {request.negative_prompt}"
     text += (f"\nSteps: {stats.steps}, Sampler: {stats.scheduler}, CFG scale: {stats.cfg}, "
              f"Seed: {(request.seed + index) % 2**64}, Size: {stats.width}x{stats.height}, "
-             f"Model: {Path(spec.specs()[0].model.path).stem}, Family: {stats.family}")
+             f"Model: {_printable(Path(spec.specs()[0].model.path).stem)}, Family: {stats.family}")
     if request.is_img2img:
         text += f", Denoising strength: {request.strength}"
     return text
@@ -151,9 +152,36 @@ def _save_png(image, path: Path, texts: dict) -> None:
     info = PngInfo()
     for key, value in texts.items():
         info.add_itxt(key, value)
-    tmp = path.with_name(path.name + ".partial")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)  # never leave a half-written image
+    from .run.files import atomic_path
+
+    with atomic_path(path) as tmp:  # never leave a half-written image, even on Ctrl+C
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def _printable(text: str) -> str:
+    """A file name that is not valid UTF-8 (Linux allows it) as text PNG metadata can hold."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written before any work is done."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(flag, f"{target} is a folder", f"name a file, e.g. {target / 'bench.json'}")
+    _check_output_folder(target.parent, flag)
+
+
+def _check_output_folder(folder: Path, flag: str) -> None:
+    """The nearest existing ancestor must be a writable folder (nothing is created here)."""
+    probe = folder.expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(flag, f"{probe} is a file, not a folder", "choose a path inside a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(flag, f"{probe} is not writable", "choose a folder you can write to")
 
 
 def _unique_path(folder: Path, stem: str) -> Path:
@@ -175,6 +203,9 @@ def cmd_generate(args) -> int:
 
     model = config_from_args(ModelRef, args, path=args.checkpoint)
     spec = PipelineSpec(model=model, device=args.device)
+    _check_output_folder(Path(args.out), "--out")
+    if args.init_image and not Path(args.init_image).expanduser().is_file():
+        raise ConfigError("--init-image", f"{args.init_image} is not a file", "give the path of a PNG/JPEG/WebP image")
     extra = {"init_image": args.init_image} if args.init_image else {}
     request = config_from_args(GenerationRequest, args, **extra)
     for name in args.preset:
@@ -221,13 +252,16 @@ def cmd_bench(args) -> int:
         for name, preset in PRESETS.items():
             print(f"{name:<26} {preset.description}")
         return 0
+    _check_output_file(args.json, "--json")
+    _check_output_file(args.chart, "--chart")
     _quiet_libraries(args.verbose)
     from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
 
     if args.target == "winograd":
         from .bench.winograd import format_winograd_table, run_winograd_bench
 
-        report = run_winograd_bench(args.family, args.size, repeats=args.repeats, channels_last=args.channels_last,
+        report = run_winograd_bench(args.family or "sd15", args.size, repeats=args.repeats,
+                                    channels_last=args.channels_last,
                                     fused_transforms=not args.eager_transforms,
                                     modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
         print(format_winograd_table(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import zipfile
 
@@ -136,3 +137,100 @@ def test_failed_loads_leave_no_files_behind(checkpoints, tmp_path):
         _load(cut)
     assert sorted(p.name for p in folder.iterdir()) == before
     shutil.rmtree(folder)
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """Byte 0 of a safetensors file is the low byte of its header length: 0x80 for one valid file in 32."""
+    from safetensors.torch import save_file
+    from sdaccel.optim.models.checkpoint import open_checkpoint
+
+    path = tmp_path / "weights.sft"
+    for pad in range(64):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    ck = open_checkpoint(path)
+    assert list(ck.keys()) == ["w"]
+
+
+def test_img2img_sources_are_checked_before_any_pixel_is_decoded(tmp_path):
+    from PIL import Image
+    from sdaccel.optim.run.sampler import load_image_tensor
+    from sdaccel.optim.spec.errors import ConfigError
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4608, 64)).save(big)
+    with pytest.raises(ConfigError, match=r"init_image: the image .*big.png is 4608x64 pixels.*at most 4096"):
+        load_image_tensor(str(big))
+    with pytest.raises(ConfigError, match="4608x64"):
+        load_image_tensor(Image.new("RGB", (4608, 64)))
+    with pytest.raises(ConfigError, match="NaN or infinite"):
+        load_image_tensor(torch.full((8, 8, 3), float("nan")))
+    with pytest.raises(ConfigError, match="is not an image"):
+        load_image_tensor(torch.zeros(0, 8, 3))
+    assert load_image_tensor(torch.rand(64, 72, 3)).shape == (1, 3, 64, 72)
+
+
+def test_decompression_bombs_are_a_clear_error(tmp_path, monkeypatch):
+    from PIL import Image
+    from sdaccel.optim.run.sampler import load_image_tensor
+    from sdaccel.optim.spec.errors import ConfigError
+
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 300x300 is then more than twice the limit
+    with pytest.raises(ConfigError, match="too large to decode safely"):
+        load_image_tensor(str(path))
+
+
+def test_text_and_number_fields_refuse_what_they_cannot_hold():
+    from sdaccel.optim.spec.errors import ConfigError
+    from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+    from sdaccel.optim.units.deepcache import DeepCacheConfig
+    from sdaccel.optim.units.freeu import FreeUConfig
+
+    with pytest.raises(ConfigError, match="GenerationRequest.prompt: is not valid text"):
+        GenerationRequest(prompt="a cat \udcff")
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="DeepCacheConfig.cache_interval: expected a whole number"):
+            DeepCacheConfig(cache_interval=bad)
+        with pytest.raises(ConfigError, match="FreeUConfig.s1: is .*finite"):
+            FreeUConfig(s1=bad)
+    with pytest.raises(ConfigError, match="ModelRef: expected a mapping of field names to values, got str"):
+        PipelineSpec.from_dict({"model": "x"})
+
+
+def _safetensors_with_header(path, header: dict | str, data: bytes = b"\0" * 16):
+    import json
+    import struct
+
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "data_offsets"),
+    ({"dtype": "ZEROS", "shape": [4], "data_offsets": [0, 16]}, "unknown dtype 'ZEROS'"),
+    ({"dtype": 7, "shape": [4], "data_offsets": [0, 16]}, "unknown dtype 7"),
+    ({"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}, "shape"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "data_offsets"),
+    ("not an object", "expected an object"),
+])
+def test_malformed_safetensors_headers_are_checkpoint_errors(tmp_path, entry, problem):
+    from sdaccel.optim.models.checkpoint import open_checkpoint
+
+    path = _safetensors_with_header(tmp_path / "bad.safetensors", {"w": entry})
+    with pytest.raises(CheckpointError, match=f"corrupt safetensors header entry for 'w'.*{re.escape(problem)}"):
+        open_checkpoint(path)
+
+
+def test_a_model_index_that_is_a_list_is_a_checkpoint_error(tmp_path):
+    folder = tmp_path / "diffusers"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON list"):
+        _load(folder)

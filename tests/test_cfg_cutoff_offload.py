@@ -141,3 +141,40 @@ def test_model_offload_mechanics_with_cpu_onload(cache):
         patch.remove()
     assert not hasattr(pipe.unet, "_hf_hook")
     assert torch.equal(run(_spec(), REQ, cache=cache).images_tensor, base.images_tensor)
+
+
+def test_staged_spill_files_are_removed_when_the_process_ends_with_the_pipeline_prepared(tmp_path):
+    """A CLI run (or Ctrl+C) ends without removing the optimization: the spilled weights must still go."""
+    import subprocess
+    import sys
+
+    spill = tmp_path / "spill"
+    code = f"""
+from sdaccel.optim.testing import enable_synthetic
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec import GenerationRequest, PipelineSpec, ModelRef
+from sdaccel.optim.units.offload import OffloadConfig
+enable_synthetic()
+spec = PipelineSpec(model=ModelRef.synthetic("sd15", tiny=True), device="cpu",
+                    optimizations=(OffloadConfig(mode="staged", spill_dir={str(spill)!r}),))
+run(spec, GenerationRequest(prompt="x", width=64, height=64, steps=1))
+import os
+print(sum(len(files) for _, _, files in os.walk({str(spill)!r})))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip().splitlines()[-1]) >= 1  # weights were spilled while it ran
+    assert spill.is_dir() and not any(spill.iterdir())  # and nothing is left after exit
+
+
+def test_a_spill_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    from sdaccel.optim.spec.errors import ConfigError
+    from sdaccel.optim.testing import build_pipeline
+    from sdaccel.optim.units.offload import OffloadConfig, apply_offload
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    pipe = build_pipeline("sd15", tiny=True)
+    with pytest.raises(ConfigError, match="OffloadConfig.spill_dir: .* is a file"):
+        apply_offload(pipe, OffloadConfig(mode="staged", spill_dir=str(blocker)))
+    assert blocker.read_text() == "x"

@@ -49,13 +49,20 @@ def test_generate_img2img_and_optimizations(checkpoints, tmp_path, capsys):
     (["--checkpoint", "/no/such/model.safetensors"], "no such file"),
     (["--checkpoint", "synthetic-tiny:sd15", "--width", "70"], "multiple of 8"),
     (["--checkpoint", "synthetic-tiny:sd15", "--opt", "precision:unet=fp99"], "PrecisionConfig.unet"),
+    (["--checkpoint", "synthetic-tiny:sd15", "--opt", "attention:slice_size=many"],
+     "--opt attention:slice_size=many: AttentionConfig.slice_size: 'many' is not a whole number"),
+    (["--checkpoint", "synthetic-tiny:sd15", "--opt", "vae:slicing=ture"], "'ture' is not true or false"),
+    (["--checkpoint", "synthetic-tiny:sd15", "--opt", "vae:slicing"], "'slicing' has no value"),
+    (["--checkpoint", "synthetic-tiny:sd15", "--switch-at", "0.8"], "--switch-at: applies to the refiner ensemble"),
+    (["--checkpoint", "synthetic-tiny:sdxl-base", "--refiner", "synthetic-tiny:sdxl-refiner", "--switch-at", "2"],
+     "EnsembleSpec.switch_at"),
 ])
 def test_generate_bad_input_exits_2_with_the_message_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     rc = main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)] + args)
     assert rc == 2
     assert message in capsys.readouterr().err
-    assert not list(out.glob("*.png")) if out.exists() else True
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_bench_prints_a_table_and_writes_the_json_rows(tmp_path, capsys):
@@ -102,3 +109,40 @@ def test_module_entry_point_runs():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "baseline" in proc.stdout and "channels-last" in proc.stdout
+
+
+def test_generate_with_a_refiner_runs_the_ensemble_and_records_what_ran(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "--checkpoint", "synthetic-tiny:sdxl-base", "--refiner", "synthetic-tiny:sdxl-refiner",
+               "--switch-at", "0.5", "--prompt", "a cabin", "--steps", "4", "--width", "64", "--height", "64",
+               "--opt", "attention:backend=xformers", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "sdxl-base+sdxl-refiner ensemble(switch_at=0.5)" in printed
+    (png,) = out.glob("*.png")
+    with Image.open(png) as im:
+        meta = json.loads(im.text["sdaccel"])
+    assert meta["spec"]["switch_at"] == 0.5
+    assert meta["spec"]["refiner"]["model"]["path"] == "synthetic-tiny:sdxl-refiner"
+    # xformers is unavailable on a CPU: the PNG records the sdpa fallback that ran, and the note says why
+    assert [d["backend"] for d in meta["applied"] if d["kind"] == "attention"] == ["sdpa"]
+    assert "attention" in meta["stats"]["optimizations"] and any("xformers" in n for n in meta["stats"]["notes"])
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["generate", "--checkpoint", "synthetic-tiny:sd15", "--prompt", "x", "--out", str(blocker)],
+         "--out: " + str(blocker) + " is a file"),
+        (["generate", "--checkpoint", "synthetic-tiny:sd15", "--prompt", "x", "--out", str(tmp_path / "o"),
+          "--init-image", str(tmp_path / "missing.png")], "--init-image: "),
+        (["bench", "--json", str(tmp_path)], "--json: " + str(tmp_path) + " is a folder"),
+        (["bench", "--chart", str(blocker / "chart.png")], "--chart: " + str(blocker) + " is a file"),
+        (["bench", "--repeats", "0", "--size", "64", "--steps", "1"], "bench --repeats: 0 is below 1"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written, nothing left behind

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from sdaccel.optim.bench.metrics import psnr_db, ssim
 from sdaccel.optim.bench.presets import PRESETS, resolve_preset
-from sdaccel.optim.bench.runner import BenchSettings, format_table, run_bench, write_chart
+from sdaccel.optim.bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
 from sdaccel.optim.spec.errors import ConfigError
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
@@ -87,7 +88,9 @@ def test_bench_chart_and_json(report, tmp_path):
     path = write_chart(report, tmp_path / "chart.png")
     with Image.open(path) as im:
         assert im.size[0] > 500
-    json.dumps(report)
+    written = write_json(report, tmp_path / "report.json")
+    assert json.loads(Path(written).read_text()) == json.loads(json.dumps(report, default=str))
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.tmp"))
 
 
 def test_refiner_ensemble_preset_runs_on_sdxl():

@@ -10,6 +10,7 @@ from sdaccel.optim.run.sampler import run
 from sdaccel.optim.spec.errors import ConfigError, GenerationInterrupted
 from sdaccel.optim.spec.model_ref import ModelRef
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.units.deepcache import DeepCacheConfig
 
 BASE = GenerationRequest(prompt="a lighthouse at dawn", width=64, height=64, steps=3, seed=11, cfg=7.0)
 
@@ -174,11 +175,65 @@ def test_interrupt_stops_at_the_next_step_and_the_pipeline_stays_usable(cache):
     assert again.stats.cache == "hit"
 
 
+def _unet_kwargs(unet, calls):
+    return unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+
+
 def test_sdxl_refiner_uses_aesthetic_conditioning(cache):
-    result = run(_spec("sdxl-refiner"), BASE, cache=cache)
-    assert result.stats.unet_batch_sizes == [2, 2, 2]
+    """The refiner's time ids end in the aesthetic score: 2.5 for the negative half, 6.0 for the positive."""
+    spec = _spec("sdxl-refiner")
+    unet = cache.prepare(spec).pipe.unet
+    calls = []
+    hook = _unet_kwargs(unet, calls)
+    try:
+        result = run(spec, BASE, cache=cache)
+    finally:
+        hook.remove()
+    assert result.stats.unet_batch_sizes == [2, 2, 2] and len(calls) == 3
+    for kwargs in calls:
+        time_ids = kwargs["added_cond_kwargs"]["time_ids"]
+        assert time_ids.shape == (2, 5)  # original size (2), crop (2), aesthetic score: no target size
+        assert time_ids[:, -1].tolist() == [2.5, 6.0]
+        assert time_ids[:, :2].tolist() == [[64.0, 64.0], [64.0, 64.0]]
+
+
+def _fresh_images(spec, request):
+    from sdaccel.optim.run.cache import PipelineCache
+
+    return run(spec, request, cache=PipelineCache(max_entries=1)).images_tensor
 
 
 def test_interrupted_runs_report_nothing_half_done(cache):
+    """No result, no hook or run scope left behind, and the cached pipeline gives the images a fresh one does."""
+    spec = _spec("sd15")
+    steps = []
     with pytest.raises(GenerationInterrupted):
-        run(_spec("sd15"), BASE, cache=cache, should_interrupt=lambda: True)
+        run(spec, BASE, cache=cache, should_interrupt=lambda: bool(steps), progress=lambda i, n: steps.append(i))
+    assert steps == [1]  # stopped before the second step
+    entry = cache.entries()[-1]
+    assert not entry.pipe.unet._forward_pre_hooks and not entry.pipe.unet._forward_hooks
+    again = run(spec, BASE, cache=cache)
+    assert again.stats.cache == "hit" and torch.equal(again.images_tensor, _fresh_images(spec, BASE))
+
+
+def test_a_run_failing_mid_denoise_leaves_the_cached_pipeline_usable(cache):
+    """A failure that is not an interrupt (here the UNet raising on its second call) propagates as is, and the
+    next run on the same cached pipeline is exact."""
+    spec = _spec("sd15").with_optimization(DeepCacheConfig(cache_interval=2))
+    unet = cache.prepare(spec).pipe.unet
+    calls = []
+
+    def fail_second(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory on purpose")
+
+    hook = unet.register_forward_pre_hook(fail_second, with_kwargs=True)
+    try:
+        with pytest.raises(MemoryError, match="on purpose"):
+            run(spec, BASE, cache=cache)
+    finally:
+        hook.remove()
+    assert not unet._forward_pre_hooks
+    again = run(spec, BASE, cache=cache)
+    assert again.stats.cache == "hit" and torch.equal(again.images_tensor, _fresh_images(spec, BASE))

@@ -38,10 +38,19 @@ def test_bad_values_are_refused_naming_the_field(kind, name, value):
     assert f"{cls.__name__}.{name}" in str(err.value)
 
 
-def test_every_unit_field_says_what_it_trades():
+def test_every_unit_field_reaches_its_node_with_its_own_description():
+    """The toggle node's inputs are the config's ui fields, in order, each with the field's tooltip and default."""
+    from sdaccel.nodes import NODE_CLASS_MAPPINGS
+    from sdaccel.nodes.toggles import node_id
+
     for unit in all_units().values():
-        for info in describe(unit.config_cls):
-            assert len(info.tooltip) >= 25, (unit.kind, info.name)
+        required = NODE_CLASS_MAPPINGS[node_id(unit.kind)].INPUT_TYPES()["required"]
+        fields = [info for info in describe(unit.config_cls) if info.ui]
+        assert list(required)[1:] == [info.name for info in fields], unit.kind
+        for info in fields:
+            options = required[info.name][1]
+            assert options["tooltip"].startswith(info.tooltip), (unit.kind, info.name)
+            assert options.get("default", info.default) == info.default, (unit.kind, info.name)
 
 
 def test_tf32_scope_restores_the_flags_even_when_the_run_fails():

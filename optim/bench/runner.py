@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ from typing import Callable
 from ..run.allocator import keep_freed_memory, release_free_memory
 from ..run.cache import PipelineCache
 from ..run.capabilities import machine_summary, resolve_device
+from ..run.files import atomic_path
 from ..run.sampler import run
-from ..spec.errors import SDAccelError
+from ..spec.errors import ConfigError, SDAccelError
 from ..spec.model_ref import ModelRef
 from ..spec.pipeline import GenerationRequest, PipelineSpec
 from ..testing import enable_synthetic
@@ -36,7 +36,7 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse, detailed, sharp f
 
 @dataclass
 class BenchSettings:
-    family: str = "sd15"
+    family: str | None = None  # random weights: this family (default sd15); a checkpoint: an override
     size: int = 512
     steps: int = 20
     presets: list = field(default_factory=lambda: ["baseline"])
@@ -105,12 +105,16 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
     history and identical rows differ by up to 30% (see allocator.py).
     """
     enable_synthetic()  # the random-weight models are what a bench without --checkpoint measures
+    for name, value, low in (("repeats", settings.repeats, 1), ("warmup", settings.warmup, 0),
+                             ("size", settings.size, 64), ("steps", settings.steps, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"bench --{name}", f"{value!r} is below {low}", f"use --{name} {max(low, 1)} or more")
     keep_freed_memory()
     cache = cache if cache is not None else PipelineCache(max_entries=2)
     if settings.checkpoint:
         model = ModelRef(path=settings.checkpoint, family=settings.family or "auto")
     else:
-        model = ModelRef.synthetic(settings.family)
+        model = ModelRef.synthetic(settings.family or "sd15")
     base_spec = PipelineSpec(model=model, device=settings.device)
     base_request = GenerationRequest(prompt=settings.prompt, width=settings.size, height=settings.size,
                                      steps=settings.steps, seed=settings.seed, cfg=settings.cfg,
@@ -119,10 +123,12 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
     device = resolve_device(settings.device)
     rows: list[dict] = []
     reference = None
+    prepared_family = None
     for name in settings.presets:
         preset = resolve_preset(name)
         spec, request = preset.apply(base_spec, base_request)
         prepared = cache.prepare(base_spec, strict=True)  # loads the model once; presets reconfigure it in memory
+        prepared_family = prepared.family.name
         if reference is None and name != "baseline":
             say("[ref ] baseline image for the fidelity columns (untimed)")
             reference = run(base_spec, base_request, cache=cache, strict=True).images_tensor
@@ -163,7 +169,8 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
         for r in timed:
             r["speedup"] = round(ref / r["median_s"], 3) if r["median_s"] else None
     return {"machine": machine_summary(), "device": str(device),
-            "settings": {k: v for k, v in settings.__dict__.items()}, "model": model.to_dict(),
+            "settings": {**settings.__dict__, "family": prepared_family or settings.family},
+            "model": model.to_dict(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
 
 
@@ -214,19 +221,18 @@ def write_chart(report: dict, path) -> Path:
     fig.suptitle(f"SDAccel bench: {s['family']} {s['size']}x{s['size']}, {s['steps']} steps, {report['device']}")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_json(report: dict, path) -> Path:
     """Write atomically: a crash never leaves a half-written report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
+    text = json.dumps(report, indent=2, default=str)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

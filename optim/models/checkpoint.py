@@ -125,10 +125,12 @@ def open_checkpoint(path) -> CheckpointFile:
         head = fh.read(16)
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)", _REDOWNLOAD)
+    # safetensors first: its first byte is the low byte of the header length, which is 0x80 (a pickle's
+    # protocol marker) for one valid file in 32
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return _open_safetensors(path, size)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return _open_pickle(path, size, head)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return _open_safetensors(path, size)
     suffix = path.suffix.lower()
     if _looks_like_text(path):
         raise CheckpointError(path, "is a text file, not model weights (it was probably renamed or is an "
@@ -169,7 +171,7 @@ def _open_safetensors(path: Path, size: int) -> CheckpointFile:
         header_bytes = fh.read(header_len)
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(path, "has a corrupt safetensors header", _REDOWNLOAD) from exc
     if not isinstance(header, dict):
         raise CheckpointError(path, "has a corrupt safetensors header", _REDOWNLOAD)
@@ -178,17 +180,37 @@ def _open_safetensors(path: Path, size: int) -> CheckpointFile:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(path, f"has a corrupt safetensors header entry for {key!r}", _REDOWNLOAD) from exc
+        problem = _entry_problem(info)
+        if problem:
+            raise CheckpointError(path, f"has a corrupt safetensors header entry for {key!r} ({problem})",
+                                  _REDOWNLOAD)
+        dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         data_end = max(data_end, end)
-        meta[key] = TensorMeta(shape, _ST_DTYPE_NAMES.get(dtype, dtype.lower()), (int(start), int(end)))
+        meta[key] = TensorMeta(shape, _ST_DTYPE_NAMES[dtype], (start, end))
     expected = 8 + header_len + data_end
     if size < expected:
         raise CheckpointError(path, f"is truncated: it holds {size} bytes but its header describes {expected} "
                               f"({(expected - size) / 2**20:.1f} MiB missing)", _REDOWNLOAD)
     return CheckpointFile(path, "safetensors", meta, size, data_start=8 + header_len)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(info) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header, or None."""
+    if not isinstance(info, dict):
+        return f"expected an object, got {type(info).__name__}"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPE_NAMES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} are not two ascending byte offsets"
+    return None
 
 
 def _unwrap_state_dict(obj):

@@ -187,12 +187,16 @@ def _choose_family(path, group: str, family: str, prediction_type: str, v_stat, 
 
 def _read_json(path: Path, folder: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(folder, f"is missing {path.relative_to(folder)}",
                               "Copy the complete diffusers folder (every component's config)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(path, "is not valid JSON", "Restore the file from the original model") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"holds a JSON {type(data).__name__}, not an object of settings",
+                              "Restore the file from the original model")
+    return data
 
 
 def detect_folder(folder: Path, family: str = "auto", prediction_type: str = "auto") -> Detection:

@@ -60,6 +60,11 @@ class Family:
         return FAMILIES_DIR / self.name
 
     @property
+    def unet_arch(self) -> str:
+        """The UNet architecture the family shares: sd1 (SD1.x, Taiyi), sd2 or sdxl (base, Turbo, refiner)."""
+        return {"taiyi": "sd1", "sdxl-refiner": "sdxl"}.get(self.group, self.group)
+
+    @property
     def is_xl(self) -> bool:
         return self.pipeline.startswith("StableDiffusionXL")
 

@@ -80,12 +80,9 @@ class PreparedPipeline:
 
 def _default_memory_budget() -> int:
     """60% of physical RAM: room for one large model plus the host's own working memory."""
-    import os
+    from .capabilities import total_memory_bytes
 
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.6)
-    except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
+    return int(total_memory_bytes() * 0.6)
 
 
 class PipelineCache:

@@ -109,3 +109,23 @@ def machine_summary() -> dict:
     if cuda_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def total_memory_bytes(default: int = 16 * 2**30) -> int:
+    """Physical memory (`default` where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return default
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -115,20 +115,37 @@ def _plan(request: GenerationRequest, fam: Family) -> _Plan:
                  request.cfg_cutoff_step)
 
 
+MAX_SIDE = 4096  # GenerationRequest.width/height's limit, which an img2img source sets when they are empty
+_INIT = "GenerationRequest.init_image"
+
+
+def _check_side(width: int, height: int, what: str) -> None:
+    if width > MAX_SIDE or height > MAX_SIDE or width < 1 or height < 1:
+        raise ConfigError(_INIT, f"{what} is {width}x{height} pixels; the output size must lie within 64 and "
+                          f"{MAX_SIDE}", f"resize the image to at most {MAX_SIDE} pixels a side (or set width "
+                          "and height)")
+
+
 def load_image_tensor(image) -> torch.Tensor:
-    """A [B, 3, H, W] float tensor in 0..1 from a PIL image, a path, or an [H,W,3]/[B,H,W,3] 0..1 tensor."""
+    """A [B, 3, H, W] float tensor in 0..1 from a PIL image, a path, or an [H,W,3]/[B,H,W,3] 0..1 tensor.
+
+    Sizes are checked before any pixel is decoded, so a huge source fails at once with a clear error."""
     if isinstance(image, (str, Path)):
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(image) as img:
+                _check_side(*img.size, what=f"the image {image}")
                 image = img.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            raise ConfigError(_INIT, f"{image} is too large to decode safely ({exc})",
+                              f"resize it to at most {MAX_SIDE} pixels a side") from exc
         except (OSError, UnidentifiedImageError) as exc:
-            raise ConfigError("GenerationRequest.init_image", f"cannot read image {image}: {exc}",
-                              "pass a PNG/JPEG/WebP file") from exc
+            raise ConfigError(_INIT, f"cannot read image {image}: {exc}", "pass a PNG/JPEG/WebP file") from exc
     if hasattr(image, "convert") and hasattr(image, "size"):
         import numpy as np
 
+        _check_side(*image.size, what="the image")
         array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
     if isinstance(image, torch.Tensor):
@@ -137,9 +154,13 @@ def load_image_tensor(image) -> torch.Tensor:
             t = t.unsqueeze(0)
         if t.dim() == 4 and t.shape[-1] in (3, 4) and t.shape[1] not in (3, 4):
             t = t[..., :3].permute(0, 3, 1, 2)
-        if t.dim() != 4 or t.shape[1] != 3:
-            raise ConfigError("GenerationRequest.init_image", f"tensor of shape {tuple(image.shape)} is not an "
-                              "image", "pass [H, W, 3] or [B, H, W, 3] values in 0..1")
+        if t.dim() != 4 or t.shape[1] != 3 or t.numel() == 0:
+            raise ConfigError(_INIT, f"tensor of shape {tuple(image.shape)} is not an image",
+                              "pass [H, W, 3] or [B, H, W, 3] values in 0..1")
+        _check_side(t.shape[-1], t.shape[-2], what="the image tensor")
+        if not torch.isfinite(t).all():
+            raise ConfigError(_INIT, "the image tensor holds NaN or infinite values",
+                              "pass finite values in 0..1 (check the node that made it)")
         return t.clamp(0, 1).contiguous()
     raise ConfigError("GenerationRequest.init_image", f"unsupported type {type(image).__name__}",
                       "pass a PIL image, a file path or an image tensor")

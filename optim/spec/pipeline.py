@@ -126,6 +126,13 @@ class GenerationRequest(Config):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("prompt", "negative_prompt"):
+            try:
+                getattr(self, name).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ConfigError(f"GenerationRequest.{name}", f"is not valid text (character {exc.start} is an "
+                                  "undecodable byte, e.g. from a file or terminal that is not UTF-8)",
+                                  "save or type the prompt as UTF-8") from None
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and value % 8:

@@ -50,15 +50,13 @@ TINY_OVERRIDES: dict[str, dict[str, dict]] = {
                               "projection_class_embeddings_input_dim": 5 * 8 + 64},
                      "text_encoder_2": _TINY_OPENCLIP_XL},
 }
-_GROUP_OF = {"sd15": "sd1", "taiyi": "taiyi", "sd2-base": "sd2", "sd21-v": "sd2", "sd-turbo": "sd2",
-             "sdxl-base": "sdxl", "sdxl-turbo": "sdxl", "sdxl-refiner": "sdxl-refiner"}
 
 
 def component_config(fam: Family, name: str, tiny: bool) -> dict:
     """The family's shipped config for component `name`, shrunk when `tiny`."""
     config = json.loads((fam.config_dir / name / "config.json").read_text(encoding="utf-8"))
     if tiny:
-        overrides = TINY_OVERRIDES[_GROUP_OF[fam.name]]
+        overrides = TINY_OVERRIDES[fam.group]
         config.update(_TINY_VAE if name == "vae" else overrides.get(name, {}))
     return config
 
@@ -189,7 +187,7 @@ def ldm_state_dict(pipe, family: str) -> dict:
     from . import ldm_layout as L
 
     fam = get_family(family)
-    group = _GROUP_OF[fam.name]
+    group = fam.group
     out = {UNET_PREFIX + k: v for k, v in L.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
     out.update({VAE_PREFIX + k: v for k, v in L.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
 
@@ -240,14 +238,15 @@ def write_single_file(pipe, family: str, path, *, dtype: str = "float16") -> Pat
     target = getattr(torch, dtype)
     sd = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in
           ldm_state_dict(pipe, family).items()}
-    tmp = path.with_name(path.name + ".partial")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    from ..run.files import atomic_path
 
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save({"state_dict": sd, "global_step": 0}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save({"state_dict": sd, "global_step": 0}, str(tmp))
     return path
 
 

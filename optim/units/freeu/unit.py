@@ -15,11 +15,10 @@ FREEU_DEFAULTS = {
     "sd2": (0.9, 0.2, 1.4, 1.6),
     "sdxl": (0.9, 0.2, 1.3, 1.4),
 }
-_GROUP_DEFAULTS = {"sd1": "sd1", "taiyi": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sdxl-refiner": "sdxl"}
 
 
 def resolve_factors(cfg: FreeUConfig, family) -> tuple[float, float, float, float]:
-    defaults = FREEU_DEFAULTS[_GROUP_DEFAULTS[family.group]]
+    defaults = FREEU_DEFAULTS[family.unet_arch]
     given = (cfg.s1, cfg.s2, cfg.b1, cfg.b2)
     return tuple(v if v > 0 else d for v, d in zip(given, defaults))
 

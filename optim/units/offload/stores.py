@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ...run.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -80,10 +82,8 @@ class DiskSpill:
         return tuple((store[key].data.data_ptr(), store[key]._version) for store, key in self.slots)
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".partial")
         layout, offset = [], 0
-        with open(tmp, "wb") as fh:
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
             for store, key in self.slots:
                 data = store[key].data
                 cl = data.dim() == 4 and not data.is_contiguous() and \
@@ -95,7 +95,6 @@ class DiskSpill:
                     fh.write(raw.numpy())
                 layout.append((offset, nbytes, data.dtype, tuple(data.shape), cl))
                 offset += nbytes
-        tmp.replace(self.path)
         self.layout = layout
         self.stamp = self._current_stamp()
 

@@ -15,7 +15,9 @@ they are reported unavailable there and the run goes on without them, with that 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ...core.registry import ApplyContext, RunContext, Unit, register
-from ...spec.errors import UnavailableError
+from ...spec.errors import ConfigError, UnavailableError
 from .config import OffloadConfig
 from .stores import DeviceSwap, DiskSpill
 
@@ -40,8 +42,31 @@ def _components(pipe):
 
 
 def _spill_folder(cfg: OffloadConfig) -> Path:
+    """A new folder name for spilled weights, removed at process exit if no undo removed it before (a CLI run
+    ends, or Ctrl+C stops it, with the pipeline still prepared)."""
     base = Path(cfg.spill_dir).expanduser() if cfg.spill_dir else Path(tempfile.gettempdir())
-    return base / f"sdaccel-spill-{uuid.uuid4().hex[:12]}"
+    if base.exists() and not base.is_dir():
+        raise ConfigError("OffloadConfig.spill_dir", f"{base} is a file, not a folder",
+                          "name a folder (it is created if missing), or leave it empty for the temp folder")
+    folder = base / f"sdaccel-spill-{uuid.uuid4().hex[:12]}"
+    if not _LIVE_SPILLS:
+        atexit.register(_remove_live_spills)
+    _LIVE_SPILLS.add(folder)
+    return folder
+
+
+_LIVE_SPILLS: set[Path] = set()
+
+
+def _remove_spill(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        _LIVE_SPILLS.discard(folder)
+
+
+def _remove_live_spills() -> None:
+    for folder in list(_LIVE_SPILLS):
+        _remove_spill(folder)
 
 
 def _group_offloading_api():
@@ -148,10 +173,7 @@ def _enable_group_offload(pipe, cfg: OffloadConfig, device, patch) -> None:
                     for name in list(registry.hooks):
                         registry.remove_hook(name, recurse=False)
         _put(originals)
-        if folder is not None:
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)
+        _remove_spill(folder)
 
     patch.on_remove(undo)
 
@@ -225,10 +247,7 @@ class Offload(Unit):
 
             def undo(stager=stager, folder=locals().get("folder")):
                 stager.close()
-                if folder is not None:
-                    import shutil
-
-                    shutil.rmtree(folder, ignore_errors=True)
+                _remove_spill(folder)
 
             patch.on_remove(undo)
 

@@ -26,11 +26,10 @@ import torch
 from ...core.registry import ApplyContext, Unit, register
 from ...models.sources import source as weight_source
 from ...spec.errors import CheckpointError, ConfigError
-from .config import VaeConfig
+from .config import SYNTHETIC, VaeConfig
 from .files import (  # noqa: F401
     _FULL_HINT,
     _TINY_HINT,
-    SYNTHETIC,
     _build_tiny,
     _tiny_weights,
     load_full_vae,

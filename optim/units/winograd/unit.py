@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from ...core.registry import ApplyContext, RunContext, Unit, register
+from ...run.capabilities import available_memory_bytes, total_memory_bytes
 from ...spec.errors import UnavailableError
 from .config import WinogradConfig
 
@@ -82,30 +83,12 @@ class _Planner:
         return ("conv2d", 0, 0)
 
 
-def _available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def default_filter_budget_mb() -> int:
     """The smallest of 8 GiB, 30% of physical memory and 40% of the memory still available once the model is
     loaded: SD1.5's UNet and VAE take 7.2 GiB of filters on a 24 GB machine, while next to SDXL's 10 GB UNet
     the 30% rule alone ran the same machine out of memory."""
-    import os
-
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * 2**30
-    budget = min(8 * 2**30, total * 0.3)
-    available = _available_memory_bytes()
+    budget = min(8 * 2**30, total_memory_bytes() * 0.3)
+    available = available_memory_bytes()
     if available is not None:
         budget = min(budget, available * 0.4)
     return int(budget // 2**20)
