@@ -142,7 +142,7 @@ class PipelineCache:
                 remove_all(entry.handles)
                 entry.handles = []
                 entry.spec = None
-            ctx = ApplyContext(device=device, family=entry.family, offloaded=_offloaded(spec))
+            ctx = ApplyContext(device=device, family=entry.family, offloaded=spec.optimization("offload") is not None)
             entry.handles = apply_all(entry.pipe, spec.optimizations, ctx, strict=strict)  # undoes on failure
             entry.notes = list(entry.handles[0].info.get("notes", [])) if entry.handles else []
             entry.spec = spec
@@ -212,10 +212,6 @@ class PipelineCache:
         with self._lock:
             self._entries.clear()
             _release_memory()
-
-
-def _offloaded(spec: PipelineSpec) -> bool:
-    return spec.optimization("offload") is not None
 
 
 def _release_memory() -> None:
