@@ -47,7 +47,7 @@ def generate(pipe: SDAccelPipe, request: GenerationRequest, *, keep_loaded: bool
         host.raise_interrupted(exc)
     finally:
         _settle_memory(cache, pipe, keep_loaded)
-    return node_output(result, pipe)
+    return node_output(result, pipe, request)
 
 
 def _settle_memory(cache: PipelineCache, pipe: SDAccelPipe, keep_loaded: bool) -> None:
@@ -60,13 +60,16 @@ def _settle_memory(cache: PipelineCache, pipe: SDAccelPipe, keep_loaded: bool) -
     host.BRIDGE.sync(cache, used)
 
 
-def node_output(result: RunResult, pipe: SDAccelPipe) -> dict:
+def node_output(result: RunResult, pipe: SDAccelPipe, request: GenerationRequest) -> dict:
+    """The node's return value. The UI payload carries the spec and request as data, so a workflow's run can
+    be compared with the `bench` configuration it claims to reproduce (the source image is named, not sent)."""
     stats = result.stats
     applied = applied_toggles(stats, pipe)
     payload = {"lines": badge_lines(stats, applied), "summary": stats.summary_line(),
                "total_s": round(stats.total_s, 3), "it_per_s": round(stats.it_per_s, 3),
                "peak_mem_mb": stats.peak_mem_mb, "mem_kind": stats.mem_kind, "toggles": applied,
-               "requested": pipe.toggles(), "notes": list(stats.notes)}
+               "requested": pipe.toggles(), "notes": list(stats.notes), "spec": pipe.spec.to_dict(),
+               "request": {**request.with_(init_image=None).to_dict(), "img2img": request.is_img2img}}
     latent = {"samples": result.vae_latents.contiguous()}
     return {"ui": {STATS_KEY: [payload]}, "result": (result.images_tensor, latent, stats_text(stats))}
 

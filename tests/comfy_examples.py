@@ -145,10 +145,45 @@ class _Graph:
                 "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
+# How ComfyUI's UI format stores a node's inputs: declared widget types become `widgets_values` in declaration
+# order, a seed-like INT is followed by its "control after generate" value, the rest are link slots. Whether
+# the real frontend reads the files back this way is checked by tests/test_comfy_real_host.py, which converts
+# every shipped workflow in ComfyUI's own page and compares what ran with the bench preset.
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NOTE_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes, never sent to the server
+
+
+def _declared(input_types: dict) -> list[tuple[str, tuple]]:
+    out = []
+    for section in ("required", "optional"):
+        out.extend((name, tuple(spec)) for name, spec in (input_types.get(section) or {}).items())
+    return out
+
+
+def _is_widget(spec: tuple) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return not options.get("forceInput") and (isinstance(spec[0], (list, tuple)) or spec[0] in WIDGET_TYPES)
+
+
+def _has_control(name: str, spec: tuple) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    flag = options.get("control_after_generate")
+    if spec[0] == "INT":
+        return bool(flag) if flag is not None else name in ("seed", "noise_seed")
+    return bool(flag)
+
+
+def widget_inputs(input_types: dict) -> list[tuple[str, tuple, bool]]:
+    """(name, spec, followed by a control value) for every widget input, in the UI format's order."""
+    return [(name, spec, _has_control(name, spec)) for name, spec in _declared(input_types) if _is_widget(spec)]
+
+
+def link_inputs(input_types: dict) -> list[tuple[str, tuple]]:
+    return [(name, spec) for name, spec in _declared(input_types) if not _is_widget(spec)]
+
+
 def widget_values(node_cls, values: dict) -> list:
     """widgets_values in the order ComfyUI's frontend lays them out (a control value after seed widgets)."""
-    from comfy_runner import widget_inputs
-
     out = []
     for name, spec, has_control in widget_inputs(node_cls.INPUT_TYPES()):
         out.append(values[name] if name in values else spec[1].get("default"))
@@ -158,8 +193,6 @@ def widget_values(node_cls, values: dict) -> list:
 
 
 def _links_in(node_cls) -> list[tuple[str, str]]:
-    from comfy_runner import link_inputs
-
     return [(name, spec[0]) for name, spec in link_inputs(node_cls.INPUT_TYPES())]
 
 

@@ -234,3 +234,52 @@ def test_a_model_index_that_is_a_list_is_a_checkpoint_error(tmp_path):
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="holds a JSON list"):
         _load(folder)
+
+
+@pytest.mark.parametrize("depth_bytes", [b"[" * 200_000 + b"]" * 200_000,  # 400 000: low byte 0x80
+                                         b'{"w":' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
+def test_a_header_nested_thousands_deep_is_a_corrupt_header(tmp_path, depth_bytes):
+    from sdaccel.optim.models.checkpoint import open_checkpoint
+
+    path = _safetensors_with_header(tmp_path / "deep.safetensors", depth_bytes.decode())
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        open_checkpoint(path)
+
+
+def test_a_download_cut_inside_its_header_is_called_cut_short_not_a_text_file(checkpoints, tmp_path):
+    src = open(checkpoints.get("sd15").path, "rb").read()
+    cut = tmp_path / "v1-5.safetensors"
+    cut.write_bytes(src[:200])  # the 8-byte length and the start of the JSON header
+    error = _expect(cut, "is truncated", "download the file again")
+    assert "text file" not in str(error)
+
+
+@pytest.mark.parametrize("protocol", ["zip", 2])
+def test_a_pytorch_checkpoint_renamed_safetensors_is_read_by_its_content(tmp_path, protocol):
+    """torch.load given the path would read a `.safetensors` name as safetensors and fail in Rust."""
+    from sdaccel.optim.models.checkpoint import open_checkpoint
+
+    path = tmp_path / "model.safetensors"
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    if protocol == "zip":
+        torch.save(weights, path)
+    else:
+        torch.save(weights, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    opened = open_checkpoint(path)
+    assert opened.format == "pickle" and torch.equal(opened.read()["w"], weights["w"])
+
+
+@pytest.mark.parametrize("unet, problem", [
+    ({"sample_size": 64}, "has no cross_attention_dim"),
+    ({"cross_attention_dim": "wide"}, "cross_attention_dim 'wide', not a whole number"),
+    ({"cross_attention_dim": 768, "in_channels": None}, "in_channels None, not a whole number"),
+])
+def test_a_garbage_unet_config_is_named_with_its_field(checkpoints, tmp_path, unet, problem):
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoints.get("sd15", layout="diffusers").path, folder)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(unet))
+    error = _expect(folder, problem, "restore unet/config.json")
+    assert str(config) in str(error) and "cross-attention width" not in str(error)

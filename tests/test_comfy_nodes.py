@@ -8,8 +8,6 @@ test_comfy_real_host.py. Nodes are called under torch.inference_mode(), as Comfy
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +23,12 @@ from sdaccel.nodes.pipe import PIPE, SDAccelPipe
 from sdaccel.nodes.toggles import node_id
 from sdaccel.optim.core.registry import all_units
 from sdaccel.optim.run.sampler import run
-from sdaccel.optim.spec.errors import CheckpointError, ConfigError, ConflictError, GenerationInterrupted
+from sdaccel.optim.spec.errors import (
+    CheckpointError,
+    ConfigError,
+    ConflictError,
+    GenerationInterrupted,
+)
 from sdaccel.optim.spec.fields import describe
 from sdaccel.optim.spec.model_ref import ModelRef
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
@@ -364,20 +367,7 @@ def test_host_helpers_answer_plainly_outside_comfyui():
 # ---------------------------------------------------------------- frontend extension and packaging
 
 
-def test_frontend_extension_only_draws_what_python_sends():
-    source = (ROOT / "js" / "sdaccel_stats.js").read_text(encoding="utf-8")
-    assert 'import { app } from "../../scripts/app.js"' in source
-    assert f'"{STATS_KEY}"' in source and "stats.lines" in source and "registerExtension" in source
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js not installed: cannot syntax-check the extension")
-    check = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdaccel_stats_{os.getpid()}.mjs"
-    check.write_text(source, encoding="utf-8")
-    try:
-        out = subprocess.run([node, "--check", str(check)], capture_output=True, text=True, timeout=60)
-    finally:
-        check.unlink()
-    assert out.returncode == 0, out.stderr
+# The extension itself is checked in ComfyUI's page: tests/test_comfy_real_host.py (the badge test).
 
 
 def test_pyproject_has_the_comfy_registry_table_and_ships_the_pack():

@@ -1,159 +1,40 @@
-"""The pack inside a real ComfyUI: every example workflow queued through /prompt on the CPU.
+"""The pack inside a real ComfyUI: every example workflow converted by ComfyUI's own page and run by its server.
 
-Runs only when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the interpreter of its venv,
-default `<checkout>/venv/bin/python`, then `.venv`, then this one). The server runs on 127.0.0.1 with a
-private --base-directory: the pack is linked into its custom_nodes, tiny checkpoints are written into
-its models folders under the very names the workflows use, and images land in its output folder, so
-the checkout itself is never touched. No part of ComfyUI is imitated here.
+Runs when COMFYUI_PATH points at a ComfyUI checkout (see comfy_host.py; .ci/run uses the unmodified 0.3.64 tree
+in ../shared/hosts). Each shipped workflow is loaded into the host's frontend in headless Chromium, turned
+into a prompt there, shrunk (size and steps only) and queued through /prompt. The spec and request the
+sampler reports must be exactly what `bench --preset NAME` runs, so each workflow reproduces its preset.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import comfy_examples as examples
+import comfy_host
 import pytest
-from comfy_runner import input_types_from_object_info, load_workflow, override, ui_to_api
+from comfy_host import load_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 TEST_SIZE, TEST_STEPS = 64, 3
-START_TIMEOUT_S, RUN_TIMEOUT_S = 420, 600
 
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set: point it at a ComfyUI checkout "
-                                "(and COMFYUI_PYTHON at its venv's python) to run the pack in a real ComfyUI")
-
-
-def _python(checkout: Path) -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    for candidate in (checkout / "venv" / "bin" / "python", checkout / ".venv" / "bin" / "python"):
-        if candidate.exists():
-            return str(candidate)
-    return sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    base: Path
-    log: Path
-    process: subprocess.Popen
-    timings: dict = field(default_factory=dict)
-
-    def request(self, path: str, body=None, timeout: float = 30):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
-
-    def queue(self, prompt: dict) -> str:
-        try:
-            answer = self.request("/prompt", {"prompt": prompt, "client_id": "sdaccel-tests"})
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"/prompt rejected the prompt: {exc.read().decode()[:3000]}") from exc
-        assert not answer.get("node_errors"), answer
-        return answer["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.request(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None \
-                    and history[prompt_id]["status"].get("status_str") in ("success", "error"):
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                raise AssertionError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
-            time.sleep(0.25)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
-
-    def run(self, prompt: dict) -> tuple[dict, float]:
-        start = time.perf_counter()
-        entry = self.wait(self.queue(prompt))
-        return entry, time.perf_counter() - start
-
-
-def _write_models(models: Path) -> None:
-    """Tiny random checkpoints under the names the shipped workflows use (each with its config beside it)."""
-    from sdaccel.optim.testing.random_weights import write_checkpoint
-
-    for name, model in examples.MODELS.items():
-        if name.startswith("diffusers/"):
-            write_checkpoint(model.family, models / "diffusers" / name.split("/", 1)[1], layout="diffusers",
-                             dtype="float32")
-        else:
-            write_checkpoint(model.family, models / "checkpoints" / name, dtype="float32")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
+pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    checkout = Path(COMFYUI_PATH).expanduser().resolve()
-    if not (checkout / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} holds no ComfyUI main.py")
-    base = tmp_path_factory.mktemp("comfy-base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "sdaccel").symlink_to(ROOT, target_is_directory=True)
-    _write_models(base / "models")
-    port = _free_port()
-    env = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)
-    log = base / "server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-            cwd=checkout, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", base, log, process)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited during start-up ({process.returncode}):\n{server.log_tail()}")
-            try:
-                server.request("/object_info/SDAccelSampler", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S}s:\n{server.log_tail()}")
-                time.sleep(1)
-        server.timings["start_s"] = round(START_TIMEOUT_S - (deadline - time.monotonic()), 1)
-        yield server
-    finally:
-        _stop(process)
-        print(f"\nComfyUI timings: {json.dumps(server.timings, indent=1)}")
+    models = {name: model.family for name, model in examples.MODELS.items()}
+    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-base"), models)
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy):
+    yield from comfy_host.open_frontend(comfy)
 
 
 @pytest.fixture(scope="module")
@@ -161,26 +42,30 @@ def object_info(comfy):
     return comfy.request("/object_info", timeout=120)
 
 
-def _prompt(path: Path, object_info: dict, base: Path) -> dict:
-    """The workflow as the frontend would queue it, shrunk: tiny sizes and steps, random-weight VAEs."""
+# What the tests change in a shipped workflow, by node type: the sampler's size and step count, and the Winograd
+# node's compiled transforms (twelve one-time inductor compiles, 7 minutes on two cores with a cold cache; the
+# compiled path runs in tests/test_winograd.py). The expected spec gets the same changes.
+SHRINK = {"SDAccelSampler": {"width": TEST_SIZE, "height": TEST_SIZE, "steps": TEST_STEPS},
+          "SDAccelWinograd": {"fused_transforms": False}}
 
-    def small(class_type: str, inputs: dict) -> dict:
-        if class_type == "SDAccelSampler":
-            return {"width": TEST_SIZE, "height": TEST_SIZE, "steps": TEST_STEPS}
-        if class_type == "SDAccelVAE" and inputs["variant"] != "default":
-            return {"path": "synthetic"}  # no TAESD / fp16-fix weights on this machine
-        if class_type == "SDAccelOffload":
-            return {"spill_dir": str(base / "spill")}
-        return {}
 
-    return override(ui_to_api(load_workflow(path), input_types_from_object_info(object_info)), small)
+def _shrink(prompt: dict) -> dict:
+    """A copy with SHRINK applied; nothing else changes."""
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        node["inputs"].update(SHRINK.get(node["class_type"], {}))
+    return out
 
 
 def _node(prompt: dict, class_type: str) -> str:
     return next(node_id for node_id, node in prompt.items() if node["class_type"] == class_type)
 
 
-def test_pack_loads_and_serves_its_nodes_extension_and_templates(comfy, object_info):
+def _prompt(frontend, name: str) -> dict:
+    return _shrink(frontend.prompt(load_workflow(EXAMPLES / f"{name}.json")))
+
+
+def test_pack_loads_and_serves_its_nodes_extension_and_templates(comfy, object_info, frontend):
     from sdaccel.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
     log = comfy.log.read_text(encoding="utf-8", errors="replace")
@@ -191,17 +76,48 @@ def test_pack_loads_and_serves_its_nodes_extension_and_templates(comfy, object_i
         assert info["category"] == cls.CATEGORY and info["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
     choices = object_info["SDAccelLoader"]["input"]["required"]["ckpt_name"][0]
     assert set(examples.MODELS) <= set(choices) and choices[-1] == "(use path)"
-    extensions = comfy.request("/extensions")
-    assert "/extensions/sdaccel/sdaccel_stats.js" in extensions
-    assert comfy.request("/extensions/sdaccel/sdaccel_stats.js") == (ROOT / "js" / "sdaccel_stats.js").read_bytes()
+    assert "/extensions/sdaccel/sdaccel_stats.js" in comfy.request("/extensions")
     templates = comfy.request("/workflow_templates")
     assert sorted(templates["sdaccel"]) == sorted(p.stem for p in WORKFLOWS)
     assert comfy.request("/api/workflow_templates/sdaccel/fastest.json") == load_workflow(EXAMPLES / "fastest.json")
+    assert not frontend.our_errors(), frontend.our_errors()  # the page ran our extension without an error
+
+
+def _expected(name: str, reported_spec: dict):
+    """(spec, request) `bench --preset NAME` runs on the model the workflow loaded (its path as ComfyUI found it)."""
+    from sdaccel.optim.bench.presets import PRESETS
+    from sdaccel.optim.spec.optimization import config_class
+    from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+
+    plan = {p.name: p for p in examples.plans()}[name]
+    base = PipelineSpec.from_dict(reported_spec.get("base", reported_spec))
+    spec = PipelineSpec(model=base.model, device=base.device)
+    request = GenerationRequest(steps=examples.BASELINE_STEPS)
+    if name in PRESETS:
+        spec, request = PRESETS[name].apply(spec, request)
+    else:
+        for kind, fields in plan.optimizations:
+            spec = spec.with_optimization(config_class(kind)(**fields))
+    vae = spec.optimization("vae")
+    if vae is not None and vae.path == "synthetic":  # the bench's random VAE is a file the user downloads
+        wanted = examples.user_values("vae", vae.to_dict(), plan.model)["path"]
+        found = base.optimization("vae").path
+        assert Path(found).name == wanted, (found, wanted)
+        spec = spec.with_optimization(vae.with_(path=found))
+    winograd = spec.optimization("winograd")
+    if winograd is not None:
+        spec = spec.with_optimization(winograd.with_(**SHRINK["SDAccelWinograd"]))
+    return spec, request
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_example_workflow_runs_and_writes_images(comfy, object_info, path):
-    prompt = _prompt(path, object_info, comfy.base)
+def test_example_workflow_runs_and_reproduces_its_bench_preset(comfy, frontend, path):
+    from sdaccel.nodes.sampler import SDAccelSampler
+    from sdaccel.optim.spec.ensemble import EnsembleSpec
+    from sdaccel.optim.spec.pipeline import PipelineSpec
+
+    shipped = frontend.prompt(load_workflow(path))
+    prompt = _shrink(shipped)
     entry, seconds = comfy.run(prompt)
     status = entry["status"]
     assert status["status_str"] == "success", json.dumps(status["messages"], indent=1)[-4000:]
@@ -210,18 +126,33 @@ def test_example_workflow_runs_and_writes_images(comfy, object_info, path):
     assert len(images) == 1
     from PIL import Image
 
-    written = comfy.base / "output" / images[0]["subfolder"] / images[0]["filename"]
-    with Image.open(written) as image:
+    with Image.open(comfy.base / "output" / images[0]["subfolder"] / images[0]["filename"]) as image:
         assert image.size == (TEST_SIZE, TEST_SIZE)
     stats = entry["outputs"][sampler]["sdaccel_stats"][0]
     assert any("it/s" in line for line in stats["lines"]) and stats["summary"]
-    comfy.timings[path.stem] = {"wall_s": round(seconds, 2), "run_s": stats["total_s"],
-                                "toggles": stats["toggles"], "notes": stats["notes"]}
+    fell_back = [n for n in stats["notes"] if "unavailable" in n]
+    assert (stats["toggles"] == stats["requested"]) == (not fell_back), (stats["toggles"], fell_back)
+
+    # what ran is what the bench preset runs: every toggle value, the CFG cutoff and the step count
+    spec, request = _expected(path.stem, stats["spec"])
+    if path.stem == "refiner-ensemble":
+        ran = EnsembleSpec.from_dict(stats["spec"])
+        assert ran.base == spec and ran.switch_at == 0.9
+        assert Path(ran.refiner.model.path).name == examples.SDXL_REFINER.ckpt_name
+    else:
+        assert PipelineSpec.from_dict(stats["spec"]) == spec
+    sampler_fields = set(SDAccelSampler.FIELD_NAMES)
+    ran_request = {k: v for k, v in stats["request"].items() if k not in sampler_fields | {"img2img"}}
+    assert ran_request == {k: v for k, v in request.to_dict().items() if k not in sampler_fields}
+    assert shipped[sampler]["inputs"]["steps"] == request.steps
+    assert stats["request"]["width"] == TEST_SIZE and stats["request"]["steps"] == TEST_STEPS
+    comfy.timings[path.stem] = {"wall_s": round(seconds, 2), "run_s": stats["total_s"], "toggles": stats["toggles"],
+                                "notes": stats["notes"]}
 
 
-def test_identical_prompt_is_served_from_comfyuis_cache(comfy, object_info):
-    prompt = _prompt(EXAMPLES / "baseline.json", object_info, comfy.base)
-    first, _ = comfy.run(prompt)
+def test_identical_prompt_is_served_from_comfyuis_cache(comfy, frontend):
+    prompt = _prompt(frontend, "baseline")
+    comfy.run(prompt)
     again, seconds = comfy.run(prompt)
     assert again["status"]["status_str"] == "success"
     cached = [data for event, data in again["status"]["messages"] if event == "execution_cached"]
@@ -229,10 +160,10 @@ def test_identical_prompt_is_served_from_comfyuis_cache(comfy, object_info):
     comfy.timings["baseline_cached_wall_s"] = round(seconds, 2)
 
 
-def test_impossible_combination_reaches_the_error_panel_and_the_server_goes_on(comfy, object_info):
+def test_impossible_combination_reaches_the_error_panel_and_the_server_goes_on(comfy, frontend, object_info):
     from sdaccel.optim.core.registry import all_units
 
-    prompt = _prompt(EXAMPLES / "baseline.json", object_info, comfy.base)
+    prompt = _prompt(frontend, "baseline")
     loader, sampler = _node(prompt, "SDAccelLoader"), _node(prompt, "SDAccelSampler")
     prompt["90"] = {"class_type": "SDAccelCompile", "inputs": {"pipe": [loader, 0]}}
     prompt["91"] = {"class_type": "SDAccelOffload", "inputs": {"pipe": ["90", 0], "mode": "staged"}}
@@ -247,12 +178,12 @@ def test_impossible_combination_reaches_the_error_panel_and_the_server_goes_on(c
     assert errors and errors[0]["node_type"] == "SDAccelOffload"
     assert all_units()["offload"].config_cls.conflicts["compile"] in errors[0]["exception_message"]
     assert errors[0]["exception_type"].endswith("ConflictError")
-    ok, _ = comfy.run(_prompt(EXAMPLES / "channels-last.json", object_info, comfy.base))
+    ok, _ = comfy.run(_prompt(frontend, "channels-last"))
     assert ok["status"]["status_str"] == "success"
 
 
-def test_interrupt_stops_the_run_and_the_pipeline_stays_usable(comfy, object_info):
-    prompt = _prompt(EXAMPLES / "freeu.json", object_info, comfy.base)
+def test_interrupt_stops_the_run_and_the_pipeline_stays_usable(comfy, frontend):
+    prompt = _prompt(frontend, "freeu")
     sampler = _node(prompt, "SDAccelSampler")
     prompt[sampler]["inputs"].update({"steps": 200, "width": 512, "height": 512, "seed": 7})
     prompt_id = comfy.queue(prompt)
@@ -265,7 +196,7 @@ def test_interrupt_stops_the_run_and_the_pipeline_stays_usable(comfy, object_inf
     entry = comfy.wait(prompt_id)
     events = [event for event, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in events and "execution_error" not in events, events
-    after = _prompt(EXAMPLES / "freeu.json", object_info, comfy.base)
+    after = _prompt(frontend, "freeu")
     after[sampler]["inputs"]["seed"] = 8  # not a prompt ComfyUI has cached
     ok, _ = comfy.run(after)
     assert ok["status"]["status_str"] == "success"
@@ -273,7 +204,7 @@ def test_interrupt_stops_the_run_and_the_pipeline_stays_usable(comfy, object_inf
     assert "cache hit" in summary  # the interrupted run left the prepared pipeline in place
 
 
-def test_comfyui_unload_models_releases_sdaccel_pipelines(comfy, object_info):
+def test_comfyui_unload_models_releases_sdaccel_pipelines(comfy, frontend):
     held = comfy.request("/sdaccel/pipelines")
     assert held["pipelines"] and held["tracked_by_comfyui"] >= 1
     comfy.request("/free", {"unload_models": True})
@@ -285,9 +216,70 @@ def test_comfyui_unload_models_releases_sdaccel_pipelines(comfy, object_info):
     log = comfy.log_tail(20000)
     assert "releasing" in log and "Traceback" not in log[log.index("releasing"):]
     # ComfyUI's worker survived the unload and SDAccel loads again on the next run
-    prompt = _prompt(EXAMPLES / "baseline.json", object_info, comfy.base)
+    prompt = _prompt(frontend, "baseline")
     prompt[_node(prompt, "SDAccelSampler")]["inputs"]["seed"] = 9
     entry, _ = comfy.run(prompt)
     assert entry["status"]["status_str"] == "success"
     assert "cache loaded" in entry["outputs"][_node(prompt, "SDAccelSampler")]["sdaccel_stats"][0]["summary"]
     assert comfy.request("/sdaccel/pipelines")["tracked_by_comfyui"] == 1
+
+
+# ---------------------------------------------------------------- the stats badge, seen in the page
+
+# The sampler node's widgets, set the way a user would set them in the page (by name)
+_SET_WIDGETS = """([id, values]) => {
+  const node = window.app.graph.getNodeById(id);
+  for (const [name, value] of Object.entries(values)) {
+    const widget = node.widgets.find((w) => w.name === name);
+    if (!widget) throw new Error(`no widget ${name} on node ${id}`);
+    widget.value = value;
+  }
+}"""
+# Redraw the canvas, recording every fillText call, and read back the pixels under the badge
+_DRAW_AND_READ = """(id) => {
+  const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
+  canvas.centerOnNode(node);
+  const ctx = canvas.canvas.getContext("2d");
+  const drawn = [];
+  const fillText = ctx.fillText;
+  ctx.fillText = function (text, ...rest) { drawn.push(String(text)); return fillText.call(this, text, ...rest); };
+  try { canvas.draw(true, true); } finally { ctx.fillText = fillText; }
+  const scale = canvas.ds.scale, [ox, oy] = canvas.ds.offset, ratio = window.devicePixelRatio || 1;
+  const x = Math.round((node.pos[0] + ox) * scale * ratio), w = Math.round(node.size[0] * scale * ratio);
+  const y = Math.round((node.pos[1] + node.size[1] + 6 + oy) * scale * ratio);
+  const h = Math.round((node.sdaccelStatsLines.length * 15 + 8) * scale * ratio);
+  const pixels = ctx.getImageData(x, y, w, h).data;
+  let text = 0, panel = 0;
+  for (let i = 0; i < pixels.length; i += 4) {
+    const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+    if (g > 150 && g > r + 30 && g > b + 20) text++;         // the badge's green text (#9fe0a8)
+    else if (r < 45 && g < 45 && b < 55) panel++;             // its dark panel
+  }
+  return {drawn, lines: node.sdaccelStatsLines, text, panel, area: w * h,
+          box: {x: x / ratio, y: y / ratio, width: w / ratio, height: h / ratio}};
+}"""
+
+
+def test_stats_badge_is_drawn_on_the_sampler_in_comfyuis_page(comfy, frontend, tmp_path):
+    """Queue from the page itself; ComfyUI sends the sampler's UI output over its websocket; the badge appears."""
+    page = frontend.page
+    workflow = load_workflow(EXAMPLES / "channels-last.json")
+    frontend.load(workflow)
+    sampler = next(node["id"] for node in workflow["nodes"] if node["type"] == "SDAccelSampler")
+    page.evaluate(_SET_WIDGETS, [sampler, {"width": TEST_SIZE, "height": TEST_SIZE, "steps": TEST_STEPS,
+                                           "seed": 1234}])
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function(f"() => window.app.graph.getNodeById({sampler}).sdaccelStatsLines?.length > 0",
+                           timeout=comfy_host.RUN_TIMEOUT_S * 1000)
+    seen = page.evaluate(_DRAW_AND_READ, sampler)
+    assert seen["lines"] and any("it/s" in line for line in seen["lines"]), seen["lines"]
+    assert any(line.startswith("toggles: ") and "channels_last" in line for line in seen["lines"]), seen["lines"]
+    assert all(line in seen["drawn"] for line in seen["lines"]), (seen["lines"], seen["drawn"][:40])
+    assert seen["text"] > 50 and seen["panel"] > seen["area"] // 4, seen  # painted, not only computed
+    shot = tmp_path / "comfyui-stats-badge.png"
+    page.screenshot(path=str(shot))
+    keep = os.environ.get("SDACCEL_SCREENSHOT_DIR")  # set to results/ to refresh the committed screenshot
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        (Path(keep) / shot.name).write_bytes(shot.read_bytes())
+    assert not frontend.our_errors(), frontend.our_errors()

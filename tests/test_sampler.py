@@ -237,3 +237,47 @@ def test_a_run_failing_mid_denoise_leaves_the_cached_pipeline_usable(cache):
     assert not unet._forward_pre_hooks
     again = run(spec, BASE, cache=cache)
     assert again.stats.cache == "hit" and torch.equal(again.images_tensor, _fresh_images(spec, BASE))
+
+
+def test_concurrent_runs_on_one_cache_each_get_the_images_of_their_own_spec():
+    """Host threads (ComfyUI's worker, the web UI, the API) share one cache: runs with different optimizations on
+    one model, and an eviction between them, must never see each other's patches or half-loaded weights."""
+    import threading
+
+    from sdaccel.optim.run.cache import PipelineCache
+    from sdaccel.optim.units.channels_last import ChannelsLastConfig
+    from sdaccel.optim.units.freeu import FreeUConfig
+
+    base = _spec("sd15")
+    specs = {"plain": base, "freeu": base.with_optimization(FreeUConfig()),
+             "deepcache": base.with_optimization(DeepCacheConfig(cache_interval=2)),
+             "channels_last": base.with_optimization(ChannelsLastConfig())}
+    alone = {name: _fresh_images(spec, BASE) for name, spec in specs.items()}
+    assert not torch.equal(alone["plain"], alone["freeu"])  # the specs do differ in what they compute
+    shared = PipelineCache(max_entries=1)
+    results, errors = [], []
+    start = threading.Barrier(len(specs) + 1)
+
+    def worker(name):
+        start.wait()
+        try:
+            for _ in range(2):
+                results.append((name, run(specs[name], BASE, cache=shared).images_tensor))
+        except BaseException as exc:  # noqa: BLE001 - reported below with the thread's name
+            errors.append((name, exc))
+
+    def evictor():
+        start.wait()
+        for _ in range(3):
+            shared.evict(base.model)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in specs] + [threading.Thread(target=evictor)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert sorted(name for name, _ in results) == sorted(list(specs) * 2)
+    for name, images in results:
+        assert torch.equal(images, alone[name]), name
+    assert len(shared) <= 1

@@ -126,12 +126,14 @@ def open_checkpoint(path) -> CheckpointFile:
     if size == 0:
         raise CheckpointError(path, "is empty (0 bytes)", _REDOWNLOAD)
     # safetensors first: its first byte is the low byte of the header length, which is 0x80 (a pickle's
-    # protocol marker) for one valid file in 32
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
-        return _open_safetensors(path, size)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return _open_pickle(path, size, head)
+    # protocol marker) for one valid file in 32. A plausible length decides, so that a download cut inside
+    # its header is reported as cut short (a text file's first 8 bytes read as an absurd length).
     suffix = path.suffix.lower()
+    plausible = len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") <= _MAX_HEADER
+    if plausible and (head[8:9] == b"{" or suffix in SAFETENSORS_SUFFIXES):
+        return _open_safetensors(path, size)
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return _open_pickle(path, size, head)
     if _looks_like_text(path):
         raise CheckpointError(path, "is a text file, not model weights (it was probably renamed or is an "
                               "error page saved by a browser)", "Download the real checkpoint file")
@@ -163,7 +165,7 @@ def _open_safetensors(path: Path, size: int) -> CheckpointFile:
             raise CheckpointError(path, f"is only {size} bytes, too short to be a safetensors file", _REDOWNLOAD)
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > _MAX_HEADER or header_len > size - 8:
-            if _looks_like_text(path):
+            if header_len > _MAX_HEADER and _looks_like_text(path):
                 raise CheckpointError(path, "is a text file renamed to .safetensors, not model weights",
                                       "Download the real checkpoint file")
             raise CheckpointError(path, "is truncated or not a safetensors file (its header length is "
@@ -229,8 +231,9 @@ def _open_pickle(path: Path, size: int, head: bytes) -> CheckpointFile:
 
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
         raise CheckpointError(path, "is a truncated or damaged zip archive", _REDOWNLOAD)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:  # from an open file: given a path, torch.load reads a `.safetensors` name as safetensors
+        with open(path, "rb") as fh:
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()
         detail = next((line.strip() for line in reason if "Unsupported global" in line or "GLOBAL" in line),

@@ -199,6 +199,25 @@ def _read_json(path: Path, folder: Path) -> dict:
     return data
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _unet_config(folder: Path) -> dict:
+    """unet/config.json, checked for the fields detection reads (a garbage file is named, not misreported)."""
+    path = folder / "unet" / "config.json"
+    unet = _read_json(path, folder)
+    fix = "Restore unet/config.json from the original model (it is the diffusers UNet2DConditionModel config)"
+    context = unet.get("cross_attention_dim")
+    if context is None:
+        raise CheckpointError(path, "is not a UNet config: it has no cross_attention_dim", fix)
+    if not (_whole(context) or (isinstance(context, list) and context and all(_whole(c) for c in context))):
+        raise CheckpointError(path, f"has cross_attention_dim {context!r}, not a whole number", fix)
+    if not _whole(unet.get("in_channels", 4)):
+        raise CheckpointError(path, f"has in_channels {unet.get('in_channels')!r}, not a whole number", fix)
+    return unet
+
+
 def detect_folder(folder: Path, family: str = "auto", prediction_type: str = "auto") -> Detection:
     """Detect the family of a diffusers folder from its model_index and component configs."""
     index_path = folder / "model_index.json"
@@ -208,7 +227,7 @@ def detect_folder(folder: Path, family: str = "auto", prediction_type: str = "au
                               ".safetensors/.ckpt file")
     index = _read_json(index_path, folder)
     pipeline = str(index.get("_class_name", ""))
-    unet = _read_json(folder / "unet" / "config.json", folder)
+    unet = _unet_config(folder)
     te_entry = index.get("text_encoder") or [None, None]
     te_class = te_entry[1] if isinstance(te_entry, list) and len(te_entry) == 2 else None
     context = unet.get("cross_attention_dim")

@@ -53,7 +53,9 @@ class DeviceSwap:
             return
         with torch.inference_mode(False):  # normal tensors: weights must stay editable outside a run
             for store, key, data in self.home:
-                _assign(store, key, data.to(self.device, non_blocking=non_blocking))
+                # copy=True: a distinct copy even when `device` is where the data lives (how the CPU tests
+                # see the swap); to another device .to() copies anyway
+                _assign(store, key, data.to(self.device, non_blocking=non_blocking, copy=True))
         self.resident = True
 
     def offload(self) -> None:

@@ -120,7 +120,7 @@ def _tensor_entries(modules, skip_ids=frozenset()) -> list:
 def _put(entries, device=None) -> None:
     """Set each entry's tensor to its saved data (moved to `device` when given)."""
     for store, key, data in entries:
-        value = data if device is None else data.to(device)
+        value = data if device is None else data.to(device, copy=True)
         tensor = store[key]
         if isinstance(tensor, torch.nn.Parameter):
             tensor.data = value

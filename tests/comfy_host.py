@@ -1,0 +1,236 @@
+"""A real ComfyUI for the tests: its server on 127.0.0.1 and its own page in headless Chromium.
+
+`COMFYUI_PATH` names an unmodified ComfyUI checkout (CI uses ../shared/hosts/comfyui) and `COMFYUI_PYTHON` the
+interpreter of its venv. The server runs with a private --base-directory: the pack is linked into its
+custom_nodes, tiny checkpoints are written into its models folders under the names the workflows use, and
+images land in its output folder, so the checkout is never written to. Workflows become prompts through the
+host's own frontend (`app.loadGraphData`, then `app.graphToPrompt`) in the page the server serves, so no
+part of ComfyUI is imitated here. Chromium is Debian's (`CHROMIUM`, default /usr/bin/chromium), driven by
+playwright with no browser download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+START_TIMEOUT_S, RUN_TIMEOUT_S = 420, 600
+# Chromium on a machine with a closed network: no background connections, no first-run work, no GPU
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SKIP_REASON = ("COMFYUI_PATH is not set: point it at a ComfyUI checkout (e.g. ../shared/hosts/comfyui) and "
+               "COMFYUI_PYTHON at its venv's python to run the pack in a real ComfyUI (.ci/run does)")
+
+
+def load_workflow(path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def host_python(checkout: Path) -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    for candidate in (checkout / "venv" / "bin" / "python", checkout / ".venv" / "bin" / "python"):
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ComfyUI: its HTTP API, its log, and the timings the tests print at the end."""
+
+    url: str
+    base: Path
+    log: Path
+    process: subprocess.Popen
+    timings: dict = field(default_factory=dict)
+
+    def request(self, path: str, body=None, timeout: float = 30):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def queue(self, prompt: dict) -> str:
+        try:
+            answer = self.request("/prompt", {"prompt": prompt, "client_id": "sdaccel-tests"})
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"/prompt rejected the prompt: {exc.read().decode()[:3000]}") from exc
+        assert not answer.get("node_errors"), answer
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.request(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None \
+                    and history[prompt_id]["status"].get("status_str") in ("success", "error"):
+                return history[prompt_id]
+            if self.process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
+            time.sleep(0.25)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict) -> tuple[dict, float]:
+        start = time.perf_counter()
+        entry = self.wait(self.queue(prompt))
+        return entry, time.perf_counter() - start
+
+
+def write_models(models: Path, named: dict) -> None:
+    """Tiny random checkpoints under the names the shipped workflows use (`named`: name -> family), and the
+    VAE files their VAE toggles name, in the layouts users download them in (random weights)."""
+    from sdaccel.optim.testing.random_weights import build_pipeline, write_checkpoint
+
+    for name, family in named.items():
+        pipe = build_pipeline(family, tiny=True)
+        if name.startswith("diffusers/"):
+            write_checkpoint(family, models / "diffusers" / name.split("/", 1)[1], layout="diffusers",
+                             dtype="float32", pipe=pipe)
+        else:
+            write_checkpoint(family, models / "checkpoints" / name, dtype="float32", pipe=pipe)
+        if family == "sdxl-base":  # the fp16-fix VAE has the model's own VAE architecture
+            from safetensors.torch import save_file
+
+            (models / "vae").mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()},
+                      str(models / "vae" / "sdxl_vae_fp16_fix.safetensors"))
+    for prefix in ("taesd", "taesdxl"):
+        write_taesd(models / "vae_approx", prefix)
+
+
+def write_taesd(folder: Path, prefix: str) -> None:
+    """`<prefix>_encoder.pth` and `<prefix>_decoder.pth` as github.com/madebyollin/taesd ships them: one
+    nn.Sequential each, the decoder's index 0 being a parameter-free clamp (so its layers start at 1)."""
+    import torch
+    from sdaccel.optim.testing.synthetic import synthetic_tiny_vae
+
+    state = synthetic_tiny_vae(4).state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    for side, shift in (("encoder", 0), ("decoder", 1)):
+        raw = {}
+        for key, value in state.items():
+            if key.startswith(f"{side}.layers."):
+                index, rest = key[len(side) + 8:].split(".", 1)
+                raw[f"{int(index) + shift}.{rest}"] = value.clone()
+        torch.save(raw, folder / f"{prefix}_{side}.pth")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+def start_server(base: Path, models: dict):
+    """Start ComfyUI on a free loopback port with `base` as its base directory; a generator for a fixture."""
+    import pytest
+
+    checkout = Path(COMFYUI_PATH).expanduser().resolve()
+    if not (checkout / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} holds no ComfyUI main.py")
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "sdaccel").symlink_to(ROOT, target_is_directory=True)
+    write_models(base / "models", models)
+    port = free_port()
+    env = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    log = base / "server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [host_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+            cwd=checkout, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", base, log, process)
+    started = time.monotonic()
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited during start-up ({process.returncode}):\n{server.log_tail()}")
+            try:
+                server.request("/object_info/SDAccelSampler", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                if time.monotonic() - started > START_TIMEOUT_S:
+                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S}s:\n{server.log_tail()}")
+                time.sleep(1)
+        server.timings["start_s"] = round(time.monotonic() - started, 1)
+        yield server
+    finally:
+        _stop(process)
+        print(f"\nComfyUI timings: {json.dumps(server.timings, indent=1)}")
+
+
+class Frontend:
+    """ComfyUI's own page in headless Chromium: loads UI-format workflows and converts or queues them."""
+
+    def __init__(self, page, server: Server):
+        self.page, self.server = page, server
+        self.errors: list[str] = []  # uncaught page errors with their stacks, and console errors
+        page.on("pageerror", lambda exc: self.errors.append(f"{exc.message}\n{exc.stack}"))
+        page.on("console", lambda msg: self.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+
+    def our_errors(self) -> list[str]:
+        """The errors raised in the pack's extension (this ComfyUI's own page logs a few of its own)."""
+        return [error for error in self.errors if "/extensions/sdaccel/" in error]
+
+    def load(self, workflow: dict) -> None:
+        self.page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+
+    def prompt(self, workflow: dict) -> dict:
+        """The API-format prompt the frontend queues for `workflow` (notes dropped, links followed, widgets named)."""
+        self.load(workflow)
+        return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+
+def open_frontend(server: Server):
+    """A generator for a fixture: (Frontend, page) on the server's page, the pack's extension registered."""
+    import pytest
+
+    if not Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is None:
+        pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set CHROMIUM) to check the page")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.fail(f"playwright is not installed ({exc}): `pip install playwright` (no browser download needed)")
+    server.request("/settings", {"Comfy.TutorialCompleted": True})  # no first-visit template dialog over the canvas
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # a fresh profile each time
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            frontend = Frontend(page, server)
+            page.goto(server.url, wait_until="load", timeout=120_000)
+            page.wait_for_function("() => window.app?.graph && window.app.extensionManager !== undefined"
+                                   " && window.app.extensions?.some(e => e.name === 'SDAccel.RunStats')",
+                                   timeout=120_000)
+            yield frontend
+        finally:
+            browser.close()
