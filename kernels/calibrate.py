@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..optim.run.files import atomic_path
 from .winograd import Workspace, filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,10 @@ class Calibration:
         return {}
 
     def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"measurement": MEASUREMENT, "machine": machine_key(), "torch": torch.__version__,
-                                   "threads": torch.get_num_threads(), "shapes": self.table}, indent=1),
-                       encoding="utf-8")
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"measurement": MEASUREMENT, "machine": machine_key(),
+                                       "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                       "shapes": self.table}, indent=1), encoding="utf-8")
 
     def timings(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> dict:
         key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused)
