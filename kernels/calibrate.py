@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..optim.run.files import atomic_path
 from .winograd import Workspace, filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
 
 log = logging.getLogger(__name__)
@@ -194,10 +193,18 @@ class Calibration:
         return {}
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
+        # kernels/ stands alone (torch and the standard library only), so it keeps its own complete-or-absent
+        # write rather than optim's helper: a failed write leaves the old table and no partial file.
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.partial{self.path.suffix}")
+        try:
             tmp.write_text(json.dumps({"measurement": MEASUREMENT, "machine": machine_key(),
                                        "torch": torch.__version__, "threads": torch.get_num_threads(),
                                        "shapes": self.table}, indent=1), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def timings(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> dict:
         key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused)

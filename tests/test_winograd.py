@@ -4,6 +4,7 @@ measured per shape once per machine and never chosen where it is slower."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -147,6 +148,22 @@ def test_calibration_is_measured_once_and_kept_on_disk(tmp_path):
     fourth = Calibration(tmp_path, repeats=1)
     fourth.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
     assert fourth.measured_shapes == 1 and json.loads(fourth.path.read_text())["measurement"] == MEASUREMENT
+
+
+def test_a_failed_calibration_save_keeps_the_old_table_and_no_partial_file(tmp_path, monkeypatch):
+    calib = Calibration(tmp_path, repeats=1)
+    calib.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    before = calib.path.read_bytes()
+    calib.table["extra"] = {"conv2d": 1.0}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        calib.save()
+    assert calib.path.read_bytes() == before
+    assert sorted(p.name for p in calib.folder.iterdir()) == [calib.path.name]
 
 
 def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, tmp_path):
