@@ -133,8 +133,9 @@ def write_taesd(folder: Path, prefix: str) -> None:
     for side, shift in (("encoder", 0), ("decoder", 1)):
         raw = {}
         for key, value in state.items():
-            if key.startswith(f"{side}.layers."):
-                index, rest = key[len(side) + 8:].split(".", 1)
+            layers = f"{side}.layers."
+            if key.startswith(layers):
+                index, rest = key.removeprefix(layers).split(".", 1)
                 raw[f"{int(index) + shift}.{rest}"] = value.clone()
         torch.save(raw, folder / f"{prefix}_{side}.pth")
 
@@ -212,10 +213,10 @@ class Frontend:
 
 
 def open_frontend(server: Server):
-    """A generator for a fixture: (Frontend, page) on the server's page, the pack's extension registered."""
+    """A generator for a fixture: a Frontend on the server's page, once the pack's extension has registered."""
     import pytest
 
-    if not Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is None:
+    if shutil.which(CHROMIUM) is None:
         pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set CHROMIUM) to check the page")
     try:
         from playwright.sync_api import sync_playwright

@@ -23,12 +23,7 @@ from sdaccel.nodes.pipe import PIPE, SDAccelPipe
 from sdaccel.nodes.toggles import node_id
 from sdaccel.optim.core.registry import all_units
 from sdaccel.optim.run.sampler import run
-from sdaccel.optim.spec.errors import (
-    CheckpointError,
-    ConfigError,
-    ConflictError,
-    GenerationInterrupted,
-)
+from sdaccel.optim.spec.errors import CheckpointError, ConfigError, ConflictError, GenerationInterrupted
 from sdaccel.optim.spec.fields import describe
 from sdaccel.optim.spec.model_ref import ModelRef
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec

@@ -132,7 +132,7 @@ def open_checkpoint(path) -> CheckpointFile:
     plausible = len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") <= _MAX_HEADER
     if plausible and (head[8:9] == b"{" or suffix in SAFETENSORS_SUFFIXES):
         return _open_safetensors(path, size)
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):  # PROTO 2-5
         return _open_pickle(path, size, head)
     if _looks_like_text(path):
         raise CheckpointError(path, "is a text file, not model weights (it was probably renamed or is an "
