@@ -8,6 +8,7 @@ when the weight changes (a LoRA patching it in place, a dtype or device move).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,14 +30,6 @@ from .winograd import (
 # chosen with the compiled transforms (kernels/fused.py), which the layer then runs.
 Choice = tuple[str, int, int]
 Planner = Callable[["WinogradConv2d", torch.Tensor], Choice]
-
-
-def _stamp(weight: torch.Tensor) -> tuple:
-    try:
-        version = weight._version
-    except RuntimeError:  # inference tensors carry no version counter
-        version = -1
-    return weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape)
 
 
 class FilterCache:
@@ -64,6 +57,66 @@ class FilterCache:
         self.used -= nbytes
 
 
+def _version(weight: torch.Tensor) -> int:
+    try:
+        return weight._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
+class _Stamp:
+    """Which weight a layer's filters were made from: the tensor object itself (held weakly) and its in-place
+    version. An address is not enough: a host that swaps in a LoRA-patched weight and frees the previous one
+    often gets the same memory back for the next."""
+
+    __slots__ = ("ref", "version", "dtype", "device")
+
+    def __init__(self, source: torch.Tensor, used: torch.Tensor):
+        self.ref = weakref.ref(source)
+        self.version = _version(source)
+        self.dtype, self.device = used.dtype, used.device
+
+    def matches(self, source: torch.Tensor, used: torch.Tensor) -> bool:
+        return (self.ref() is source and self.version == _version(source) and self.dtype == used.dtype
+                and self.device == used.device)
+
+
+class _Filters:
+    """One layer's transformed filters per tile size, and its share of the FilterCache budget."""
+
+    def __init__(self, out_channels: int, in_channels: int, cache: FilterCache):
+        self.out_channels, self.in_channels, self.cache = out_channels, in_channels, cache
+        self.by_tile: dict[int, tuple] = {}  # m -> (stamp, U or empty, packed or None)
+        self.reserved: dict[int, int] = {}  # m -> bytes reserved in the shared budget
+
+    def reserve(self, m: int, element_size: int) -> bool:
+        if m in self.reserved:
+            return True
+        nbytes = filter_bytes(self.out_channels, self.in_channels, m, element_size)
+        if not self.cache.reserve(nbytes):
+            return False
+        self.reserved[m] = nbytes
+        return True
+
+    def get(self, m: int, rows_hint: int, source: torch.Tensor, used: torch.Tensor):
+        """(U for tile m, its packed form or None) for the weight `used`, made from `source` (the same tensor,
+        or a host's per-call cast of it); remade once `source` is replaced or changed in place."""
+        entry = self.by_tile.get(m)
+        if entry is not None and entry[0].matches(source, used):
+            return entry[1], entry[2]
+        u = filter_transform(used.detach(), m)
+        packed = pack_filters(u, rows_hint)
+        if m in self.reserved:
+            self.by_tile[m] = (_Stamp(source, used), u if packed is None else u[:0], packed)
+        return u, packed
+
+    def drop(self) -> None:
+        for nbytes in self.reserved.values():
+            self.cache.release(nbytes)
+        self.reserved.clear()
+        self.by_tile.clear()
+
+
 class WinogradConv2d(torch.nn.Conv2d):
     """Drop-in replacement for an eligible 3x3 stride-1 Conv2d (see `is_eligible`)."""
 
@@ -80,38 +133,20 @@ class WinogradConv2d(torch.nn.Conv2d):
         object.__setattr__(self, "planner", planner)
         object.__setattr__(self, "filter_cache", cache)
         self.pad = conv_padding(conv)
-        self._filters: dict[int, tuple] = {}  # m -> (weight stamp, U or empty, packed or None)
-        self._reserved: dict[int, int] = {}  # m -> bytes reserved in the shared budget
+        object.__setattr__(self, "_filters", _Filters(conv.out_channels, conv.in_channels, cache))
         self.calls = {"conv2d": 0, "winograd": 0}
 
     def reserve(self, m: int) -> bool:
         """Reserve room for this layer's tile-m filters (once per tile); False if the budget is spent."""
-        if m in self._reserved:
-            return True
-        nbytes = filter_bytes(self.out_channels, self.in_channels, m, self.weight.element_size())
-        if not self.filter_cache.reserve(nbytes):
-            return False
-        self._reserved[m] = nbytes
-        return True
+        return self._filters.reserve(m, self.weight.element_size())
 
     def filters(self, m: int, rows_hint: int) -> tuple[torch.Tensor, list | None]:
         """(U = G g G^T for tile m, its oneDNN-packed form or None), kept until the weight changes (a LoRA,
         a dtype or device move). Only the form the products use is kept."""
-        stamp = _stamp(self.weight)
-        entry = self._filters.get(m)
-        if entry is not None and entry[0] == stamp:
-            return entry[1], entry[2]
-        u = filter_transform(self.weight.detach(), m)
-        packed = pack_filters(u, rows_hint)
-        if m in self._reserved:
-            self._filters[m] = (stamp, u if packed is None else u[:0], packed)
-        return u, packed
+        return self._filters.get(m, rows_hint, self.weight, self.weight)
 
     def drop_filters(self) -> None:
-        for nbytes in self._reserved.values():
-            self.filter_cache.release(nbytes)
-        self._reserved.clear()
-        self._filters.clear()
+        self._filters.drop()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -170,3 +205,134 @@ def patch_convs(module: torch.nn.Module, planner: Planner, cache: FilterCache,
             parent._modules[name] = adapter
             swaps.append((parent, name, child, adapter))
     return PatchedConvs(module, swaps, cache)
+
+
+# -- hooks: Winograd on a host's own Conv2d layers, without replacing them ---------------------------------------
+# A host such as ComfyUI patches weights by walking attribute paths (LoRAs, model merges) and casts them per call;
+# a replaced module would take those patches instead of the host's layer. A hook leaves the module tree alone:
+# it is the layer's instance `forward` while installed, and asks `weights(conv, x)` which weight and bias the
+# host would use for this call.
+Weights = Callable[[torch.nn.Conv2d, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None] | None"]
+
+
+def own_weights(conv: torch.nn.Conv2d, x: torch.Tensor):
+    """The plain torch rule: the layer's own weight and bias."""
+    return conv.weight, conv.bias
+
+
+class WinogradHook:
+    """Runs one Conv2d through Winograd while installed as its `forward`; filters outlive an install."""
+
+    def __init__(self, conv: torch.nn.Conv2d, planner: Planner, cache: FilterCache, weights: Weights = own_weights):
+        if not is_eligible(conv):
+            raise ValueError(f"{conv} is not a 3x3 stride-1 dense convolution")
+        self.conv = conv
+        self.planner = planner
+        self.weights = weights
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.pad = conv_padding(conv)
+        self._filters = _Filters(conv.out_channels, conv.in_channels, cache)
+        self.calls = {"conv2d": 0, "winograd": 0, "host": 0}
+        self._previous = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def reserve(self, m: int) -> bool:
+        return self._filters.reserve(m, self.conv.weight.element_size())
+
+    def _host_forward(self, x):
+        previous = self._previous
+        return previous(x) if previous is not None else type(self.conv).forward(self.conv, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)) or \
+                torch.compiler.is_compiling() or torch.jit.is_tracing():
+            self.calls["host"] += 1  # training, or a compiler choosing its own convolution
+            return self._host_forward(x)
+        used = self.weights(conv, x)
+        if used is None:  # the host makes this call's weight itself (a LoRA applied on the fly): leave it to it
+            self.calls["host"] += 1
+            return self._host_forward(x)
+        weight, bias = used
+        kind, m, band = self.planner(self, x)
+        if kind != "winograd":
+            self.calls["conv2d"] += 1
+            return conv._conv_forward(x, weight, bias)
+        self.calls["winograd"] += 1
+        tiles_w = -(-(x.shape[-1] + 2 * self.pad - 2) // m)
+        tiles_h = -(-(x.shape[-2] + 2 * self.pad - 2) // m)
+        u, packed = self._filters.get(m, x.shape[0] * (band or tiles_h) * tiles_w, conv.weight, weight)
+        return winograd_conv2d(x, u, bias, m=m, padding=self.pad, band_tiles=band or None, packed=packed,
+                               workspace=thread_workspace(), fused=bool(getattr(self.planner, "fused", False)))
+
+    def install(self) -> None:
+        self._previous = self.conv.__dict__.get("forward")
+        self.conv.forward = self.forward
+
+    def uninstall(self) -> None:
+        """Put back whatever `forward` the layer had. Raises if another patch replaced the forward since:
+        taking ours out would silently drop theirs."""
+        current = self.conv.__dict__.get("forward")
+        if current != self.forward:
+            raise RuntimeError(f"another patch replaced the forward of {self.conv} after SDAccel's Winograd hook; "
+                               "remove that patch first")
+        if self._previous is None:
+            del self.conv.forward
+        else:
+            self.conv.forward = self._previous
+        self._previous = None
+
+
+@dataclass
+class HookedConvs:
+    """Winograd hooks over every eligible Conv2d of a module: `installed()` for one run, `drop()` at the end."""
+
+    module: torch.nn.Module
+    hooks: list
+    cache: FilterCache
+
+    def install(self) -> None:
+        done = []
+        try:
+            for hook in self.hooks:
+                hook.install()
+                done.append(hook)
+        except BaseException:
+            for hook in reversed(done):
+                hook.uninstall()
+            raise
+
+    def uninstall(self) -> None:
+        for hook in reversed(self.hooks):
+            hook.uninstall()
+
+    def drop(self) -> None:
+        """Free every transformed filter (the hooks stay usable and remake them)."""
+        for hook in self.hooks:
+            hook._filters.drop()
+        if self.cache.used == 0:
+            release_workspaces()
+
+    def calls(self) -> dict:
+        total = {"conv2d": 0, "winograd": 0, "host": 0}
+        for hook in self.hooks:
+            for name, n in hook.calls.items():
+                total[name] += n
+        return total
+
+
+def hook_convs(module: torch.nn.Module, planner: Planner, cache: FilterCache, weights: Weights = own_weights,
+               select: Callable[[str, torch.nn.Conv2d], bool] | None = None) -> HookedConvs:
+    """Hooks (not yet installed) for every eligible Conv2d under `module`, subclasses included (a host's own
+    Conv2d classes), optionally filtered by `select(name, conv)`."""
+    hooks = []
+    for name, child in module.named_modules():
+        if not isinstance(child, torch.nn.Conv2d) or isinstance(child, WinogradConv2d) or not is_eligible(child):
+            continue
+        if select is not None and not select(name, child):
+            continue
+        hooks.append(WinogradHook(child, planner, cache, weights))
+    return HookedConvs(module, hooks, cache)

@@ -9,6 +9,7 @@ from .ensemble import SDAccelRefinerEnsemble
 from .generation import engine_cache
 from .host import register_routes
 from .loader import SDAccelLoader
+from .model_patches import MODEL_PATCH_NAMES, MODEL_PATCHES
 from .sampler import SDAccelSampler, SDAccelSamplerImg2Img
 from .toggles import SDAccelCFGCutoff, display_name, toggle_nodes
 
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS: dict = {
     "SDAccelRefinerEnsemble": SDAccelRefinerEnsemble,
     "SDAccelSampler": SDAccelSampler,
     "SDAccelSamplerImg2Img": SDAccelSamplerImg2Img,
+    **MODEL_PATCHES,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
@@ -30,6 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "SDAccelRefinerEnsemble": "SDAccel SDXL Refiner Ensemble",
     "SDAccelSampler": "SDAccel Sampler",
     "SDAccelSamplerImg2Img": "SDAccel Sampler (img2img)",
+    **MODEL_PATCH_NAMES,
 }
 
 register_routes(engine_cache)  # only inside ComfyUI: adds GET /sdaccel/pipelines

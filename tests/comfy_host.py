@@ -150,8 +150,19 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=20)
 
 
-def start_server(base: Path, models: dict):
-    """Start ComfyUI on a free loopback port with `base` as its base directory; a generator for a fixture."""
+def write_host_models(models: Path, checkpoint: str, lora: str) -> None:
+    """An SD 1.5 ComfyUI's own loaders accept (`build_host_shaped_sd15`) and a kohya-format LoRA for it."""
+    from sdaccel.optim.testing.lora import kohya_unet_lora
+    from sdaccel.optim.testing.random_weights import build_host_shaped_sd15, write_single_file
+
+    pipe = build_host_shaped_sd15()
+    write_single_file(pipe, "sd15", models / "checkpoints" / checkpoint, dtype="float16")
+    kohya_unet_lora(pipe.unet, models / "loras" / lora)
+
+
+def start_server(base: Path, models: dict, write_extra=None):
+    """Start ComfyUI on a free loopback port with `base` as its base directory; a generator for a fixture.
+    `write_extra(models_folder)` adds files beyond the workflows' checkpoints."""
     import pytest
 
     checkout = Path(COMFYUI_PATH).expanduser().resolve()
@@ -160,6 +171,8 @@ def start_server(base: Path, models: dict):
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "sdaccel").symlink_to(ROOT, target_is_directory=True)
     write_models(base / "models", models)
+    if write_extra is not None:
+        write_extra(base / "models")
     port = free_port()
     env = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -9,7 +9,6 @@ generator seeded `seed + i`, so any image can be re-made alone, on any device.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..spec.ensemble import EnsembleSpec
 from ..spec.errors import ConfigError, GenerationInterrupted
 from ..spec.pipeline import GenerationRequest, PipelineSpec
 from .cache import PipelineCache, PreparedPipeline, default_cache
+from .guidance import guided_steps
 from .stats import MemoryMonitor, RunStats, StageTimer
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,7 @@ class _Plan:
 
     def cfg_steps(self, total: int) -> int:
         """How many of the `total` steps run with guidance (the rest run the conditional pass only)."""
-        if self.cfg <= 1.0:
-            return 0
-        if self.cfg_cutoff_step is not None:
-            return min(self.cfg_cutoff_step, total)
-        return min(total, int(math.floor(self.cfg_cutoff * total + 0.5)))
+        return guided_steps(total, self.cfg, self.cfg_cutoff, self.cfg_cutoff_step)
 
 
 def run(spec: PipelineSpec | EnsembleSpec, request: GenerationRequest, *, cache: PipelineCache | None = None,

@@ -162,6 +162,37 @@ def build_pipeline(family: str, *, tiny: bool = False, seed: int = 0):
     return assemble_pipeline(fam, comps, family_scheduler_config(fam, fam.prediction_type))
 
 
+# An SD 1.5 a host recognises as one: hosts fix the text encoder and VAE architectures and tell SD 1.5 from other
+# UNets by its 320 base channels and 768-wide context, so only the UNet's depth shrinks (two levels, one layer
+# each: about 1.2 GB of fp32 weights in all, a 64x64 image in well under a second per step on two cores).
+HOST_SHAPED_SD15_UNET = {"block_out_channels": [320, 640], "layers_per_block": 1,
+                         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+def build_host_shaped_sd15(seed: int = 0):
+    """An SD 1.5 pipeline with the shipped text encoder and VAE and a shallow UNet (HOST_SHAPED_SD15_UNET)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..models.loader import assemble_pipeline, family_scheduler_config, load_shipped_tokenizer
+
+    fam = get_family("sd15")
+    gen = torch.Generator().manual_seed(seed)
+    unet_config = dict(component_config(fam, "unet", False), **HOST_SHAPED_SD15_UNET)
+    comps = {}
+    for name, cls, config in (("unet", UNet2DConditionModel, unet_config),
+                              ("vae", AutoencoderKL, component_config(fam, "vae", False))):
+        with torch.device("meta"):
+            comps[name] = cls.from_config(config).to_empty(device="cpu").eval()
+    comps["text_encoder"] = _build_text_encoder(component_config(fam, "text_encoder", False), False)
+    for name in ("unet", "vae", "text_encoder"):
+        _fill_random_(comps[name], gen)
+    for name, spec in fam.tokenizers.items():
+        comps[name] = load_shipped_tokenizer(spec)
+    return assemble_pipeline(fam, comps, family_scheduler_config(fam, fam.prediction_type))
+
+
 def load_synthetic(ref):
     """LoadedModel for `synthetic:<family>` / `synthetic-tiny:<family>` refs."""
     from ..models.loader import LoadedModel, family_scheduler_config

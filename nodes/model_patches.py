@@ -1,0 +1,270 @@
+"""MODEL -> MODEL nodes: SDAccel's units on ComfyUI's own model, so Load Checkpoint -> LoRA -> KSampler graphs
+(ControlNets, any sampler and scheduler) speed up without an SDACCEL_PIPE.
+
+Each node clones the model and adds wrappers (ComfyUI's public `ModelPatcher.add_wrapper_with_key`); nothing is
+changed until a sampling run starts, and every effect is removed in `finally` when it ends, so the same model
+bypassing the node samples exactly as before. The numerical work is the engine's (`optim/native/`); what is
+ComfyUI's is here: which weights its Conv2d classes use, where the step index comes from, and where the
+statistics go (the log, and a message the page draws on the node).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+from ..optim.spec.errors import ConfigError
+from ..optim.units.deepcache.config import DeepCacheConfig
+from ..optim.units.winograd.config import WinogradConfig
+from .inputs import ui_fields, values, widget
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "sdaccel/model_patches"
+MODEL_TOOLTIP = "A diffusion model from Load Checkpoint, a LoRA loader or another patch (SD 1.x, SD 2.x, SDXL)"
+STATS_EVENT = "sdaccel.model_patch"  # websocket message the page turns into a badge on the patch node
+_WRAPPER_KEY = "sdaccel"
+
+
+def _comfy(name: str):
+    """A ComfyUI module; these nodes only execute inside ComfyUI."""
+    return importlib.import_module(name)
+
+
+def comfy_conv_weights(conv, x):
+    """The weight and bias ComfyUI's own Conv2d uses for this call (`comfy.ops.cast_bias_weight`: cast to the
+    input's dtype and device), or None where ComfyUI makes them per call itself (a LoRA applied through weight
+    functions in low-VRAM mode): that call then stays ComfyUI's."""
+    if getattr(conv, "weight_function", None) or getattr(conv, "bias_function", None):
+        return None
+    weight, bias = conv.weight, conv.bias
+    if getattr(conv, "comfy_cast_weights", False):
+        weight = weight.to(device=x.device, dtype=x.dtype)
+        bias = None if bias is None else bias.to(device=x.device, dtype=x.dtype)
+    return weight, bias
+
+
+def step_of(transformer_options: dict, sigma) -> tuple[int, int]:
+    """(index of the schedule step whose sigma is nearest to `sigma`, number of steps) for this sampling run."""
+    sigmas = transformer_options.get("sample_sigmas")
+    if sigmas is None or len(sigmas) < 2:
+        return 0, 1
+    current = float(sigma.flatten()[0]) if hasattr(sigma, "flatten") else float(sigma)
+    schedule = sigmas[:-1].float().cpu()
+    return int((schedule - current).abs().argmin()), len(sigmas) - 1
+
+
+class RunReport:
+    """What one patch did during one sampling run, told to the log and to the page."""
+
+    def __init__(self, title: str, node_id: str | None, steps: int):
+        from ..optim.core.registry import RunContext
+
+        self.title, self.node_id = title, node_id
+        self.context = RunContext(pipe=None, family=None, device="cpu", steps=steps, batch=0, cfg_steps=steps)
+        self.started = time.perf_counter()
+
+    def finish(self, lines: list[str]) -> None:
+        seconds = time.perf_counter() - self.started
+        steps = max(1, self.context.steps)
+        lines = lines + self.context.notes + [f"{seconds / steps:.2f} s per step over {steps} steps"]
+        for line in lines:
+            log.info("%s: %s", self.title, line)
+        server = getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+        if server is not None and self.node_id is not None:
+            server.send_sync(STATS_EVENT, {"node": self.node_id, "title": self.title, "lines": lines,
+                                           "counters": dict(self.context.counters)}, server.client_id)
+
+
+def _steps_of(sigmas) -> int:
+    return max(1, len(sigmas) - 1)
+
+
+class _ModelPatch:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "patch"
+    TITLE = ""
+
+    @classmethod
+    def fields(cls):
+        return ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}
+        for info in cls.fields():
+            required[info.name] = widget(info, empty=True)
+        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @staticmethod
+    def _check_layout(model, option: str) -> None:
+        from ..optim.native.ldm import find_ldm_unet
+
+        find_ldm_unet(model.model, option)  # a DiT (SD3, Flux) gets its clear error on this node
+
+    @staticmethod
+    def _add(model, wrapper_type: str, wrapper) -> None:
+        model.add_wrapper_with_key(wrapper_type, _WRAPPER_KEY, wrapper)
+
+
+class SDAccelWinogradModel(_ModelPatch):
+    """Winograd convolution on every eligible 3x3 convolution of the diffusion model, for each sampling run."""
+
+    TITLE = "SDAccel Winograd (model)"
+    DESCRIPTION = ("Winograd convolution on the diffusion model's 3x3 convolutions: fewer multiplications on a CPU, "
+                   "the same image to fp32 rounding. The transformed filters follow the weights ComfyUI uses for "
+                   "the run (LoRAs included) and are kept while those weights stay. CPU only; on a GPU the model "
+                   "samples unchanged.")
+
+    @classmethod
+    def fields(cls):
+        return ui_fields(WinogradConfig, skip=("unet", "vae"))
+
+    def patch(self, model, unique_id=None, **given):
+        from ..optim.native.winograd import NativeWinograd
+
+        self._check_layout(model, "SDAccel Winograd")
+        cfg = WinogradConfig(**values(self.fields(), given))
+        state = NativeWinograd(cfg, weights=comfy_conv_weights)
+        patched = model.clone()
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            report = RunReport(self.TITLE, unique_id, _steps_of(sigmas))
+            device = getattr(guider.model_patcher, "load_device", None)
+            if getattr(device, "type", "cpu") != "cpu":
+                report.context.note(f"stepped aside: the model runs on {device}, and Winograd is for CPUs")
+                try:
+                    return executor(guider, sigmas, *args, **kwargs)
+                finally:
+                    report.finish([])
+            with state.run(guider.inner_model, report.context):
+                result = executor(guider, sigmas, *args, **kwargs)
+            counters = report.context.counters
+            report.finish([f"{counters.get('winograd_winograd_calls', 0)} Winograd and "
+                           f"{counters.get('winograd_conv2d_calls', 0)} F.conv2d calls over "
+                           f"{counters.get('winograd_layers', 0)} convolutions; "
+                           f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"])
+            return result
+
+        self._add(patched, _comfy("comfy.patcher_extension").WrappersMP.SAMPLER_SAMPLE, sampler_sample)
+        return (patched,)
+
+
+class SDAccelDeepCacheModel(_ModelPatch):
+    """DeepCache on ComfyUI's own UNet: the deep features of a full step reused for the next ones."""
+
+    TITLE = "SDAccel DeepCache (model)"
+    DESCRIPTION = ("DeepCache on the diffusion model: every cache_interval steps the whole UNet runs; in between "
+                   "only its outer layers do, resuming from the kept deep features. Changes the image (measured). "
+                   "With a ControlNet applied it steps aside (full UNet every step, noted in the stats): the "
+                   "ControlNet's deep residuals change every step. Combines with SDAccel CFG Cutoff (model).")
+
+    @classmethod
+    def fields(cls):
+        return ui_fields(DeepCacheConfig)
+
+    def patch(self, model, unique_id=None, **given):
+        from ..optim.native.deepcache import LDMDeepCache
+
+        self._check_layout(model, "SDAccel DeepCache")
+        cfg = DeepCacheConfig(**values(self.fields(), given))
+        LDMDeepCache(model.model, cfg)  # a branch this UNet lacks fails here, on this node
+        patched = model.clone()
+        live = {}
+        wrappers = _comfy("comfy.patcher_extension").WrappersMP
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            report = RunReport(self.TITLE, unique_id, _steps_of(sigmas))
+            cache = LDMDeepCache(guider.inner_model, cfg)
+            cache.install()
+            live["run"] = (cache, report)
+            try:
+                result = executor(guider, sigmas, *args, **kwargs)
+            finally:
+                live.clear()
+                cache.uninstall()
+            c = report.context.counters
+            calls = sum(c.get(f"deepcache_{kind}_calls", 0) for kind in ("full", "cached", "bypassed"))
+            report.finish([f"{c.get('deepcache_cached_calls', 0)} of {calls} UNet calls reused cached features "
+                           f"(interval {cfg.cache_interval}, branch {cfg.cache_branch_id})"])
+            return result
+
+        def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                        **kwargs):
+            if "run" not in live:  # a call outside a sampling run (a preview, another node): leave it alone
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            cache, report = live["run"]
+            step, _ = step_of(transformer_options or {}, t)
+            bypass = "a ControlNet is applied" if control is not None else ""
+            with cache.call(step, x, report.context, bypass=bypass):
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+        self._add(patched, wrappers.SAMPLER_SAMPLE, sampler_sample)
+        self._add(patched, wrappers.APPLY_MODEL, apply_model)
+        return (patched,)
+
+
+class SDAccelCFGCutoffModel(_ModelPatch):
+    """Classifier-free guidance stopped part-way: later steps run the conditional pass only."""
+
+    TITLE = "SDAccel CFG Cutoff (model)"
+    DESCRIPTION = ("Stop classifier-free guidance after a fraction (or a step) of the run: the later steps skip "
+                   "the unconditional pass, so they cost about half. Works with every KSampler sampler and "
+                   "scheduler. Changes the image (measured).")
+
+    @classmethod
+    def fields(cls):
+        from ..optim.spec.pipeline import GenerationRequest
+
+        return tuple(info for info in ui_fields(GenerationRequest) if info.name in ("cfg_cutoff", "cfg_cutoff_step"))
+
+    def patch(self, model, unique_id=None, **given):
+        from ..optim.run.guidance import guided_steps
+
+        settings = values(self.fields(), given, empty=True)
+        cutoff = float(settings.get("cfg_cutoff", 1.0))
+        cutoff_step = settings.get("cfg_cutoff_step")
+        if not 0.0 <= cutoff <= 1.0:
+            raise ConfigError("cfg_cutoff", f"{cutoff} is outside 0..1", "use a fraction of the steps (1 = never cut)")
+        patched = model.clone()
+        live = {}
+        wrappers = _comfy("comfy.patcher_extension").WrappersMP
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            steps = _steps_of(sigmas)
+            report = RunReport(self.TITLE, unique_id, steps)
+            guided = guided_steps(steps, float("inf"), cutoff, cutoff_step)  # inf: any scale above 1 guides
+            live["run"] = (report, guided)
+            try:
+                result = executor(guider, sigmas, *args, **kwargs)
+            finally:
+                live.clear()
+            c = report.context.counters
+            report.finish([f"{c.get('cfg_guided_calls', 0)} model calls with guidance, "
+                           f"{c.get('cfg_unguided_calls', 0)} without (guidance on the first "
+                           f"{guided} of {steps} steps)"])
+            return result
+
+        def calc_cond_batch(executor, model_, conds, x_in, timestep, model_options):
+            if "run" not in live or len(conds) < 2 or conds[1] is None:
+                return executor(model_, conds, x_in, timestep, model_options)
+            report, guided = live["run"]
+            step, _ = step_of(model_options.get("transformer_options", {}), timestep)
+            if step < guided:
+                report.context.count("cfg_guided_calls")
+                return executor(model_, conds, x_in, timestep, model_options)
+            report.context.count("cfg_unguided_calls")
+            out = executor(model_, [conds[0], None] + list(conds[2:]), x_in, timestep, model_options)
+            return [out[0], out[0]] + list(out[2:])  # uncond = cond: the guidance formula returns cond
+
+        self._add(patched, wrappers.SAMPLER_SAMPLE, sampler_sample)
+        self._add(patched, wrappers.CALC_COND_BATCH, calc_cond_batch)
+        return (patched,)
+
+
+MODEL_PATCHES = {cls.__name__: cls for cls in (SDAccelWinogradModel, SDAccelDeepCacheModel, SDAccelCFGCutoffModel)}
+MODEL_PATCH_NAMES = {name: cls.TITLE for name, cls in MODEL_PATCHES.items()}
+__all__ = ["MODEL_PATCHES", "MODEL_PATCH_NAMES", "comfy_conv_weights", "step_of"]

@@ -1,0 +1,57 @@
+"""Winograd on a host's UNet: hooks on its own 3x3 convolutions, installed for one run at a time.
+
+The host's layers stay in place (a host patching weights by attribute path still reaches them); each hook asks
+the host adapter which weight this call uses, and its transformed filters are remade once that weight is
+replaced (a LoRA at another strength) or changed in place. Filters outlive a run, so re-queuing with the same
+weights transforms nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from ...kernels.adapter import FilterCache, HookedConvs, Weights, hook_convs, own_weights
+from ..core.registry import RunContext
+from ..units.winograd.config import WinogradConfig
+from ..units.winograd.unit import _Planner, default_filter_budget_mb
+from .ldm import find_ldm_unet
+
+
+class NativeWinograd:
+    """One patch's Winograd state: planner, filter budget and the hooks of the UNet it last ran on."""
+
+    def __init__(self, cfg: WinogradConfig, weights: Weights = own_weights):
+        self.cfg = cfg
+        self.weights = weights
+        self.planner = _Planner(cfg, cfg.calibration_dir or None)
+        self.cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)
+        self.hooked: HookedConvs | None = None
+
+    def _hooks_for(self, unet) -> HookedConvs:
+        if self.hooked is None or self.hooked.module is not unet:
+            if self.hooked is not None:
+                self.hooked.drop()
+            self.hooked = hook_convs(unet, self.planner, self.cache, self.weights)
+        return self.hooked
+
+    @contextmanager
+    def run(self, model, run: RunContext):
+        """Winograd on `model`'s LDM UNet for the block; every hook is gone afterwards, even on an error."""
+        hooked = self._hooks_for(find_ldm_unet(model, "SDAccel Winograd"))
+        before = hooked.calls()
+        hooked.install()
+        self.planner.run = run
+        try:
+            yield hooked
+        finally:
+            self.planner.run = None
+            hooked.uninstall()
+            after = hooked.calls()
+            run.counters["winograd_layers"] = len(hooked.hooks)
+            for name in after:
+                run.counters[f"winograd_{name}_calls"] = after[name] - before[name]
+            run.counters["winograd_filter_cache_mb"] = round(self.cache.used / 2**20, 1)
+
+    def release(self) -> None:
+        if self.hooked is not None:
+            self.hooked.drop()

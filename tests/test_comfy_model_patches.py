@@ -1,0 +1,196 @@
+"""SDAccel's MODEL patches in a real ComfyUI: core CheckpointLoaderSimple -> LoraLoader -> patch -> KSampler.
+
+The checkpoint is an SD 1.5 ComfyUI's own loader recognises (shipped text encoder and VAE, a shallow UNet;
+`build_host_shaped_sd15`), the LoRA a kohya-format file over the UNet's convolutions and queries. KSampler's
+latent is saved by core SaveLatent and compared in full precision. ComfyUI caches node outputs, so a prompt meant
+to run again is queued after POST /free, which empties that cache.
+
+The engine-level facts (the hooks on ComfyUI's own modules, filters following LoRA strengths, DeepCache against
+its definition) are checked in-process, with ComfyUI's own classes, by `comfy_native_check.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import comfy_host
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT, LORA = "sdaccel_host_sd15.safetensors", "sdaccel_kohya_lora.safetensors"
+STEPS = 4
+
+pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-patches"), {},
+                                       lambda models: comfy_host.write_host_models(models, CHECKPOINT, LORA))
+
+
+def graph(patch: dict | None = None, *, lora: float | None = 0.8, seed: int = 7, sampler: str = "euler",
+          scheduler: str = "normal", steps: int = STEPS, prefix: str = "run") -> dict:
+    """A core KSampler prompt; `patch` = {"class_type": ..., "inputs": {...}} goes between the LoRA and KSampler."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 7.0,
+                                                  "sampler_name": sampler, "scheduler": scheduler,
+                                                  "positive": ["3", 0], "negative": ["4", 0],
+                                                  "latent_image": ["5", 0], "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    model = ["1", 0]
+    if lora is not None:
+        prompt["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": ["1", 1], "lora_name": LORA,
+                                                              "strength_model": lora, "strength_clip": 0.0}}
+        model = ["2", 0]
+    if patch is not None:
+        prompt["6"] = {"class_type": patch["class_type"], "inputs": {"model": model, **patch["inputs"]}}
+        model = ["6", 0]
+    prompt["7"]["inputs"]["model"] = model
+    return prompt
+
+
+def run_latent(comfy, prompt: dict):
+    """Run `prompt` afresh (ComfyUI's output cache emptied first) and return KSampler's latent."""
+    import torch
+    from safetensors.torch import load_file
+
+    comfy.request("/free", {"free_memory": True})
+    time.sleep(0.5)  # /free is a flag the queue worker reads before the next prompt
+    entry, _ = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    saved = entry["outputs"]["9"]["latents"][0]
+    path = comfy.base / "output" / saved["subfolder"] / saved["filename"]
+    return load_file(str(path))["latent_tensor"].to(torch.float64)
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def log_lines(comfy, title: str) -> list[str]:
+    return [line for line in comfy.log.read_text(errors="replace").splitlines() if f"{title}:" in line]
+
+
+WINOGRAD = {"class_type": "SDAccelWinogradModel",
+            "inputs": {"tile": "f4", "fused_transforms": False, "filter_cache_mb": 0, "calibration_dir": ""}}
+
+
+def test_native_patches_on_comfyuis_own_unet_in_process(comfy):
+    """The engine's hooks on ComfyUI's UNetModel, loaded by ComfyUI's loaders, in ComfyUI's venv."""
+    out = subprocess.run([comfy_host.host_python(Path(comfy_host.COMFYUI_PATH)), str(ROOT / "tests" /
+                          "comfy_native_check.py"), str(Path(comfy_host.COMFYUI_PATH).resolve()), str(ROOT),
+                          str(comfy.base / "models" / "checkpoints" / CHECKPOINT),
+                          str(comfy.base / "models" / "loras" / LORA)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["unet_class"] == "comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel"
+    layers = facts["winograd_counters"]["winograd_layers"]
+    assert layers > 0 and facts["hooked_forwards_during_run"] == layers
+    assert facts["winograd_counters"]["winograd_winograd_calls"] == layers
+    assert facts["winograd_rel_error"] < 1e-4 and facts["instance_forwards_after"] == 0 and facts["rerun_equal_base"]
+    # filters follow ComfyUI's LoRA weight patching, strength after strength (no stale filters on 0.8 -> 0.3 -> 0.8)
+    assert [r["strength"] for r in facts["lora"]] == [0.8, 0.3, 0.8]
+    for row in facts["lora"]:
+        assert row["rel_error"] < 1e-4 and row["differs_from_base"] > 1e-2 and row["winograd_calls"] == layers, row
+    assert facts["after_lora_equal_base"]
+    assert facts["deepcache_1_modes"] == ["full"] * 3 and facts["deepcache_1_equal_base"]
+    assert facts["deepcache_2_modes"] == ["full", "cached", "full"]
+    assert facts["deepcache_cached_rel_error"] < 1e-6 and facts["deepcache_cached_differs_from_full"] > 1e-3
+    assert facts["deepcache_1_instance_forwards_after"] == 0 == facts["deepcache_2_instance_forwards_after"]
+    assert "cache_branch_id" in facts["branch_error"] and "Use 0.." in facts["branch_error"]
+    assert "input_blocks" in facts["dit_error"] and "bypass this node" in facts["dit_error"]
+
+
+def test_patch_nodes_are_listed_under_sdaccel_model_patches(comfy):
+    info = comfy.request("/object_info", timeout=120)
+    for node in ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel"):
+        assert info[node]["category"] == "sdaccel/model_patches"
+        assert info[node]["input"]["required"]["model"][0] == "MODEL" and info[node]["output"] == ["MODEL"]
+
+
+def test_winograd_gives_the_unpatched_image_with_each_lora_strength_and_goes_away_when_bypassed(comfy):
+    results = {}
+    for strength in (0.8, 0.3):
+        base = run_latent(comfy, graph(lora=strength))
+        patched = run_latent(comfy, graph(WINOGRAD, lora=strength))
+        assert rel(patched, base) < 1e-4, (strength, rel(patched, base))
+        results[strength] = (base, patched)
+    assert rel(results[0.8][0], results[0.3][0]) > 1e-3  # the LoRA strength shows in the image
+    # apply / remove / apply: each image equals its first run (bypassed = exactly the unpatched image)
+    assert run_latent(comfy, graph(lora=0.3)).equal(results[0.3][0])
+    assert run_latent(comfy, graph(WINOGRAD, lora=0.3)).equal(results[0.3][1])
+    assert run_latent(comfy, graph(lora=0.3)).equal(results[0.3][0])
+    lines = log_lines(comfy, "SDAccel Winograd (model)")
+    assert any(re.search(r"[1-9]\d* Winograd and 0 F\.conv2d calls over [1-9]\d* convolutions", line)
+               for line in lines), lines
+    assert any("s per step over 4 steps" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("dpmpp_2m", "karras"), ("heun", "simple")])
+def test_cfg_cutoff_skips_the_unconditional_pass_after_the_cutoff(comfy, sampler, scheduler):
+    cutoff = {"class_type": "SDAccelCFGCutoffModel", "inputs": {"cfg_cutoff": 0.5, "cfg_cutoff_step": -1}}
+    never = {"class_type": "SDAccelCFGCutoffModel", "inputs": {"cfg_cutoff": 1.0, "cfg_cutoff_step": -1}}
+    base = run_latent(comfy, graph(sampler=sampler, scheduler=scheduler))
+    assert run_latent(comfy, graph(never, sampler=sampler, scheduler=scheduler)).equal(base)
+    before = len(log_lines(comfy, "SDAccel CFG Cutoff (model)"))
+    cut = run_latent(comfy, graph(cutoff, sampler=sampler, scheduler=scheduler))
+    assert rel(cut, base) > 1e-4  # the last steps ran unguided
+    line = next(line for line in log_lines(comfy, "SDAccel CFG Cutoff (model)")[before:] if "model calls" in line)
+    guided, unguided = map(int, re.search(r"(\d+) model calls with guidance, (\d+) without", line).groups())
+    calls_per_step = 2 if sampler == "heun" else 1  # heun evaluates the model twice per step (once on the last)
+    assert guided >= 2 and unguided >= 1 and guided + unguided <= calls_per_step * STEPS, line
+    assert "guidance on the first 2 of 4 steps" in line
+
+
+def test_deepcache_reuses_features_and_interval_one_is_the_unpatched_image(comfy):
+    def deepcache(interval: int) -> dict:
+        return {"class_type": "SDAccelDeepCacheModel",
+                "inputs": {"cache_interval": interval, "cache_branch_id": 0, "start_step": 0, "end_step": 0}}
+
+    base = run_latent(comfy, graph())
+    assert run_latent(comfy, graph(deepcache(1))).equal(base)
+    before = len(log_lines(comfy, "SDAccel DeepCache (model)"))
+    cached = run_latent(comfy, graph(deepcache(2), steps=6))
+    assert cached.isfinite().all()
+    line = next(line for line in log_lines(comfy, "SDAccel DeepCache (model)")[before:] if "UNet calls" in line)
+    reused, calls = map(int, re.search(r"(\d+) of (\d+) UNet calls reused", line).groups())
+    assert calls in (6, 12) and reused == calls // 2, line  # one call per step, or cond and uncond apart
+    assert run_latent(comfy, graph()).equal(base)  # bypassed again: the unpatched image
+
+
+def test_a_patch_the_model_cannot_take_fails_on_its_node_and_the_server_goes_on(comfy):
+    bad = {"class_type": "SDAccelDeepCacheModel",
+           "inputs": {"cache_interval": 2, "cache_branch_id": 30, "start_step": 0, "end_step": 0}}
+    comfy.request("/free", {"free_memory": True})
+    entry, _ = comfy.run(graph(bad))
+    assert entry["status"]["status_str"] == "error"
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_type"] == "SDAccelDeepCacheModel" and "cache_branch_id" in error["exception_message"]
+    assert "Use 0.." in error["exception_message"]
+    assert run_latent(comfy, graph(lora=None)).isfinite().all()
+
+
+def test_interrupt_mid_run_removes_every_hook(comfy):
+    base = run_latent(comfy, graph(lora=None, prefix="int-base"))
+    comfy.request("/free", {"free_memory": True})
+    time.sleep(0.5)
+    prompt_id = comfy.queue(graph(WINOGRAD, lora=None, steps=200, prefix="int"))
+    deadline = time.monotonic() + 180
+    while not re.search(r"\b[1-9]\d*/200\b", comfy.log_tail(2000)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until KSampler's progress bar shows steps done
+    comfy.request("/interrupt", {})
+    entry = comfy.wait(prompt_id)
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    # a hook left behind would put this unpatched run through Winograd: it must be the exact unpatched latent
+    assert run_latent(comfy, graph(lora=None, prefix="int-after")).equal(base)
