@@ -90,6 +90,87 @@ def test_adapter_shares_parameters_and_restore_puts_the_originals_back():
         assert _rel(out, net(x)) < 1e-4
 
 
+class _HostConv(torch.nn.Conv2d):
+    """A host's own Conv2d class (ComfyUI's comfy.ops ones are subclasses like this)."""
+
+
+def test_hooks_run_a_hosts_conv_subclasses_and_leave_the_module_tree_and_forwards_as_they_were():
+    from sdaccel.kernels.adapter import hook_convs
+
+    net = torch.nn.Sequential(_HostConv(3, 8, 3, padding=1), torch.nn.SiLU(), _HostConv(8, 8, 3, padding=1),
+                              torch.nn.Conv2d(8, 8, 3, stride=2))
+    marker = []
+
+    def previous_forward(x):  # an instance forward someone set before us must survive and be what runs after
+        marker.append(1)
+        return _HostConv.forward(net[2], x)
+
+    net[2].forward = previous_forward
+    modules = list(net.modules())
+    x = torch.randn(1, 3, 10, 10)
+    with torch.inference_mode():
+        reference = net(x)
+    hooked = hook_convs(net, _always(4), FilterCache(2**30))
+    assert [h.conv for h in hooked.hooks] == [net[0], net[2]]  # stride 2: not eligible
+    hooked.install()
+    with torch.inference_mode():
+        out = net(x)
+    assert _rel(out, reference) < 1e-4 and hooked.calls()["winograd"] == 2
+    hooked.uninstall()
+    assert list(net.modules()) == modules and "forward" not in net[0].__dict__
+    assert net[2].__dict__["forward"] is previous_forward
+    marker.clear()
+    with torch.inference_mode():
+        assert torch.equal(net(x), reference) and marker == [1]
+    hooked.install()
+    net[2].forward = lambda x: x  # another patch put on top of ours: taking ours out would drop it, so refused
+    with pytest.raises(RuntimeError, match="another patch"):
+        hooked.uninstall()
+
+
+def test_hook_filters_follow_a_replaced_weight_and_a_hosts_per_call_cast():
+    from sdaccel.kernels.adapter import hook_convs
+
+    conv = _HostConv(4, 6, 3, padding=1)
+    casts = []
+
+    def host_weights(layer, x):  # a host casting its stored weight to the input's dtype on every call
+        casts.append(1)
+        return layer.weight.to(x.dtype), layer.bias.to(x.dtype)
+
+    hooked = hook_convs(conv, _always(4), FilterCache(2**30), weights=host_weights)
+    x = torch.randn(2, 4, 9, 9)
+    hooked.install()
+    try:
+        with torch.inference_mode():
+            conv(x)
+            for scale in (0.5, 2.0, 0.5):  # a LoRA at one strength, another, the first again: new tensors each
+                new = torch.nn.Parameter(conv.weight.detach() * scale)
+                conv.weight = new
+                out = conv(x)
+                assert _rel(out, F.conv2d(x, new, conv.bias, padding=1)) < 1e-4, scale
+    finally:
+        hooked.uninstall()
+    assert len(casts) == 4
+
+    def per_call(layer, x):  # weights the host makes per call (a LoRA as a weight function): the host's call
+        return None
+
+    hooked = hook_convs(conv, _always(4), FilterCache(2**30), weights=per_call)
+    hooked.install()
+    with torch.inference_mode():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    hooked.uninstall()
+    assert hooked.calls() == {"conv2d": 0, "winograd": 0, "host": 1}
+
+
+def test_a_hook_on_a_convolution_winograd_cannot_compute_is_refused():
+    from sdaccel.kernels.adapter import WinogradHook
+
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        WinogradHook(torch.nn.Conv2d(4, 4, 3, stride=2), _always(4), FilterCache(2**30))
+
+
 def test_filters_are_refreshed_when_the_weight_changes():
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)
     adapter = WinogradConv2d(conv, _always(4), FilterCache(2**30))
@@ -191,9 +272,9 @@ def test_half_precision_stays_on_conv2d_and_gpus_are_refused(cache, tmp_path):
     from sdaccel.optim.models.families import get_family
     from sdaccel.optim.spec.errors import UnavailableError
     from sdaccel.optim.testing.random_weights import build_pipeline
-    from sdaccel.optim.units.winograd.unit import WinogradConfig, _Planner
+    from sdaccel.optim.units.winograd.unit import WinogradConfig, WinogradPlanner
 
-    planner = _Planner(WinogradConfig(fused_transforms=False), str(tmp_path))
+    planner = WinogradPlanner(WinogradConfig(fused_transforms=False), str(tmp_path))
     layer = WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1), planner, FilterCache(2**20))
     assert planner(layer, torch.randn(1, 8, 32, 32, dtype=torch.bfloat16))[0] == "conv2d"
     with pytest.raises(UnavailableError, match="cuDNN"):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from ...kernels.adapter import FilterCache, HookedConvs, Weights, hook_convs, own_weights
 from ..core.registry import RunContext
 from ..units.winograd.config import WinogradConfig
-from ..units.winograd.unit import _Planner, default_filter_budget_mb
+from ..units.winograd.unit import WinogradPlanner, default_filter_budget_mb
 from .ldm import find_ldm_unet
 
 
@@ -23,7 +23,7 @@ class NativeWinograd:
     def __init__(self, cfg: WinogradConfig, weights: Weights = own_weights):
         self.cfg = cfg
         self.weights = weights
-        self.planner = _Planner(cfg, cfg.calibration_dir or None)
+        self.planner = WinogradPlanner(cfg, cfg.calibration_dir or None)
         self.cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)
         self.hooked: HookedConvs | None = None
 

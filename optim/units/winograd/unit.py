@@ -25,7 +25,7 @@ from .config import WinogradConfig
 log = logging.getLogger(__name__)
 
 
-class _Planner:
+class WinogradPlanner:
     """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd tile/band."""
 
     def __init__(self, cfg: WinogradConfig, calibration_dir: str | None = None):
@@ -109,7 +109,7 @@ class Winograd(Unit):
     def _apply(self, pipe, cfg: WinogradConfig, ctx: ApplyContext, patch) -> None:
         from ....kernels.adapter import FilterCache, patch_convs
 
-        planner = _Planner(cfg, cfg.calibration_dir or None)
+        planner = WinogradPlanner(cfg, cfg.calibration_dir or None)
         cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)  # shared by every module
         patched = []
         for name in ("unet", "vae"):
@@ -122,7 +122,7 @@ class Winograd(Unit):
         log.info("winograd: %d convolutions can switch to Winograd (tile %s)", patch.info["layers"], cfg.tile)
 
     def run_scope(self, cfg: WinogradConfig, handle, run: RunContext):
-        planner: _Planner = handle.info["planner"]
+        planner: WinogradPlanner = handle.info["planner"]
 
         @contextmanager
         def scope():
