@@ -268,6 +268,106 @@ def build(plan: Plan) -> dict:
     return graph.workflow()
 
 
+# -- KSampler graphs: ComfyUI's core nodes with SDAccel's MODEL patches --------------------------------------------
+NATIVE_PREFIX = "ksampler-"
+NATIVE_STEPS = 20
+LORA_NAME = "your_lora.safetensors"  # a placeholder the user replaces with a file from models/loras
+# The core nodes' widgets in the order ComfyUI's UI format stores them (its page converting these files in
+# tests/test_comfy_model_patches.py checks the order), their link inputs and their outputs.
+CORE_NODES = {
+    "CheckpointLoaderSimple": ((), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
+    "LoraLoader": ((("model", "MODEL"), ("clip", "CLIP")), (("MODEL", "MODEL"), ("CLIP", "CLIP"))),
+    "CLIPTextEncode": ((("clip", "CLIP"),), (("CONDITIONING", "CONDITIONING"),)),
+    "EmptyLatentImage": ((), (("LATENT", "LATENT"),)),
+    "KSampler": ((("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")), (("LATENT", "LATENT"),)),
+    "VAEDecode": ((("samples", "LATENT"), ("vae", "VAE")), (("IMAGE", "IMAGE"),)),
+    "SaveImage": ((("images", "IMAGE"),), ()),
+}
+_PATCH_DEFAULTS = {"SDAccelWinogradModel": {}, "SDAccelDeepCacheModel": {"cache_interval": 3},
+                   "SDAccelCFGCutoffModel": {"cfg_cutoff": 0.5}}
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """A KSampler graph: which SDAccel MODEL patches sit between the model and KSampler, and whether a LoRA does."""
+
+    name: str
+    title: str
+    description: str
+    patches: tuple  # node types, in wiring order
+    lora: bool = False
+
+
+def native_plans() -> list[NativePlan]:
+    return [
+        NativePlan("baseline", "KSampler baseline", "Core nodes only: the image and time every patch is compared with",
+                   ()),
+        NativePlan("winograd", "KSampler + Winograd", "Winograd convolution on ComfyUI's own model: the same image "
+                   "to fp32 rounding, fewer multiplications on a CPU", ("SDAccelWinogradModel",)),
+        NativePlan("deepcache", "KSampler + DeepCache", "DeepCache on ComfyUI's own UNet, interval 3: the deep "
+                   "features of every third step reused in between (changes the image)", ("SDAccelDeepCacheModel",)),
+        NativePlan("cfg-cutoff", "KSampler + CFG cutoff", "Guidance stopped after half the steps: the later steps "
+                   "skip the negative prompt's pass (changes the image)", ("SDAccelCFGCutoffModel",)),
+        NativePlan("fastest", "KSampler fastest", "Winograd, DeepCache and the CFG cutoff together on ComfyUI's own "
+                   "model", ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel")),
+        NativePlan("lora-winograd", "KSampler + LoRA + Winograd", "A core LoraLoader before the Winograd patch: the "
+                   "transformed filters follow the LoRA's weights, at any strength", ("SDAccelWinogradModel",),
+                   lora=True),
+    ]
+
+
+def build_native(plan: NativePlan) -> dict:
+    from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
+
+    graph = _Graph()
+
+    def core(node_type, values, pos, size, title=None):
+        links, outputs = CORE_NODES[node_type]
+        return graph.add(node_type, values, pos=pos, size=size, inputs=links, outputs=outputs, title=title)
+
+    x, y = 40, 240
+    ckpt = core("CheckpointLoaderSimple", [SD15.ckpt_name], (x, y), (320, 100))
+    model, clip = (ckpt, 0), (ckpt, 1)
+    if plan.lora:
+        lora = core("LoraLoader", [LORA_NAME, 1.0, 1.0], (x, y + 160), (320, 130))
+        graph.link(ckpt, 0, lora, 0)
+        graph.link(ckpt, 1, lora, 1)
+        model, clip = (lora, 0), (lora, 1)
+    positive = core("CLIPTextEncode", [PROMPT], (x + 380, y), (400, 160), title="Positive")
+    negative = core("CLIPTextEncode", [NEGATIVE], (x + 380, y + 200), (400, 160), title="Negative")
+    graph.link(*clip, positive, 0)
+    graph.link(*clip, negative, 0)
+    latent = core("EmptyLatentImage", [SD15.size, SD15.size, 1], (x + 380, y + 400), (320, 110))
+    px = x + 820
+    for node_type in plan.patches:
+        cls = mappings[node_type]
+        patch = graph.add(node_type, widget_values(cls, _PATCH_DEFAULTS[node_type]), pos=(px, y),
+                          size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
+                          outputs=_outputs(cls))
+        graph.link(*model, patch, 0)
+        model = (patch, 0)
+        px += 380
+    sampler = core("KSampler", [SEED, "fixed", NATIVE_STEPS, SD15.cfg, "euler", "normal", 1.0], (px, y), (320, 270))
+    graph.link(*model, sampler, 0)
+    graph.link(positive, 0, sampler, 1)
+    graph.link(negative, 0, sampler, 2)
+    graph.link(latent, 0, sampler, 3)
+    decode = core("VAEDecode", [], (px + 360, y), (220, 50))
+    graph.link(sampler, 0, decode, 0)
+    graph.link(ckpt, 2, decode, 1)
+    save = core("SaveImage", [f"sdaccel/{NATIVE_PREFIX}{plan.name}"], (px + 620, y), (400, 440))
+    graph.link(decode, 0, save, 0)
+    lines = [f"SDAccel: {plan.title}", "", plan.description.rstrip(".") + ".", "",
+             f"Reproduces the `{plan.name}` configuration with ComfyUI's own Load Checkpoint and KSampler "
+             f"({NATIVE_STEPS} steps, {SD15.size}x{SD15.size}, CFG {SD15.cfg}); compare its time with the "
+             "ksampler-baseline workflow's.",
+             f"To run: pick {SD15.hint} in Load Checkpoint" + (" and your LoRA in Load LoRA" if plan.lora else "")
+             + ". Each patch writes what it did and the time per step to the ComfyUI log after every run."]
+    graph.add("Note", ["\n".join(lines)], pos=(40, 20), size=(720, 180), extra={"color": "#432", "bgcolor": "#653"})
+    return graph.workflow()
+
+
 def note_text(plan: Plan, vae_files: list[str]) -> str:
     if plan.ensemble:
         pick = f"{plan.model.hint} in the base loader and {SDXL_REFINER.hint} in the refiner loader"
@@ -294,6 +394,10 @@ def main() -> None:
     for plan in plans():
         path = OUT_DIR / f"{plan.name}.json"
         path.write_text(dumps(build(plan)), encoding="utf-8")
+        wanted.add(path.name)
+    for plan in native_plans():
+        path = OUT_DIR / f"{NATIVE_PREFIX}{plan.name}.json"
+        path.write_text(dumps(build_native(plan)), encoding="utf-8")
         wanted.add(path.name)
     for stale in OUT_DIR.glob("*.json"):
         if stale.name not in wanted:

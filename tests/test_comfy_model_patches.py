@@ -17,11 +17,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import comfy_examples as examples
 import comfy_host
 import pytest
+from comfy_host import load_workflow
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT, LORA = "sdaccel_host_sd15.safetensors", "sdaccel_kohya_lora.safetensors"
+EXAMPLES = ROOT / "example_workflows"
+NATIVE_WORKFLOWS = sorted(EXAMPLES.glob(f"{examples.NATIVE_PREFIX}*.json"))
+CHECKPOINT, LORA = examples.SD15.ckpt_name, examples.LORA_NAME  # the names the KSampler workflows hold
 STEPS = 4
 
 pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
@@ -31,6 +35,11 @@ pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.S
 def comfy(tmp_path_factory):
     yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-patches"), {},
                                        lambda models: comfy_host.write_host_models(models, CHECKPOINT, LORA))
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy):
+    yield from comfy_host.open_frontend(comfy)
 
 
 def graph(patch: dict | None = None, *, lora: float | None = 0.8, seed: int = 7, sampler: str = "euler",
@@ -194,3 +203,31 @@ def test_interrupt_mid_run_removes_every_hook(comfy):
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
     # a hook left behind would put this unpatched run through Winograd: it must be the exact unpatched latent
     assert run_latent(comfy, graph(lora=None, prefix="int-after")).equal(base)
+
+
+# What the tests change in a shipped KSampler workflow: the size and steps, and one fixed Winograd tile (the
+# default "auto" measures every new convolution shape once per machine first)
+NATIVE_SHRINK = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3},
+                 "SDAccelWinogradModel": {"tile": "f4", "fused_transforms": False}}
+
+
+@pytest.mark.parametrize("path", NATIVE_WORKFLOWS, ids=lambda p: p.stem)
+def test_ksampler_workflow_is_converted_by_comfyuis_page_and_runs(comfy, frontend, path):
+    prompt = frontend.prompt(load_workflow(path))
+    kinds = sorted(node["class_type"] for node in prompt.values())
+    shipped = sorted(n["type"] for n in load_workflow(path)["nodes"] if n["type"] not in examples.NOTE_NODES)
+    assert kinds == shipped
+    patches = [node for node in prompt.values() if node["class_type"].startswith("SDAccel")]
+    for node in prompt.values():
+        node["inputs"].update(NATIVE_SHRINK.get(node["class_type"], {}))
+    sampler = next(node for node in prompt.values() if node["class_type"] == "KSampler")["inputs"]
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["seed"]) == ("euler", "normal", examples.SEED)
+    comfy.request("/free", {"free_memory": True})
+    time.sleep(0.5)
+    before = comfy.log.read_text(errors="replace").count("s per step over")
+    entry, _ = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    save = next(node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage")
+    assert len(entry["outputs"][save]["images"]) == 1
+    after = comfy.log.read_text(errors="replace").count("s per step over")
+    assert after - before == len(patches)  # every patch reported its run

@@ -24,11 +24,21 @@ REGENERATE = "run `python tests/comfy_examples.py` to regenerate example_workflo
 
 def test_shipped_workflows_are_the_generated_ones():
     """Presets or node inputs changed without the workflows following would fail here."""
-    plans = examples.plans()
-    assert sorted(p.name + ".json" for p in plans) == [p.name for p in WORKFLOWS], REGENERATE
-    for plan in plans:
-        shipped = (EXAMPLES / f"{plan.name}.json").read_text(encoding="utf-8")
-        assert shipped == examples.dumps(examples.build(plan)), f"{plan.name}.json is stale: {REGENERATE}"
+    generated = {f"{p.name}.json": examples.build(p) for p in examples.plans()}
+    generated.update({f"{examples.NATIVE_PREFIX}{p.name}.json": examples.build_native(p)
+                      for p in examples.native_plans()})
+    assert sorted(generated) == [p.name for p in WORKFLOWS], REGENERATE
+    for name, workflow in generated.items():
+        shipped = (EXAMPLES / name).read_text(encoding="utf-8")
+        assert shipped == examples.dumps(workflow), f"{name} is stale: {REGENERATE}"
+
+
+def test_ksampler_workflows_cover_every_model_patch_and_a_lora():
+    native = [load_workflow(p) for p in WORKFLOWS if p.stem.startswith(examples.NATIVE_PREFIX)]
+    used = {node["type"] for workflow in native for node in workflow["nodes"]}
+    patches = {name for name, cls in NODE_CLASS_MAPPINGS.items() if cls.CATEGORY == "sdaccel/model_patches"}
+    assert patches and patches <= used and {"KSampler", "LoraLoader", "CheckpointLoaderSimple"} <= used
+    assert not used & {"SDAccelLoader", "SDAccelSampler"}  # ComfyUI's own model and sampler only
 
 
 def test_every_preset_every_toggle_and_taiyi_have_a_workflow():
@@ -58,6 +68,11 @@ def test_workflow_is_well_formed_ui_format(path):
         assert nodes[dst]["inputs"][dst_slot]["type"] == kind and nodes[dst]["inputs"][dst_slot]["link"] == link_id
     for node in nodes.values():
         if node["type"] in NOTE_NODES or node["type"] == "SaveImage":
+            continue
+        if node["type"] in examples.CORE_NODES:  # ComfyUI's own nodes: their widgets are checked by its page
+            links, outputs = examples.CORE_NODES[node["type"]]
+            assert [i["name"] for i in node["inputs"]] == [name for name, _ in links]
+            assert [o["type"] for o in node["outputs"]] == [kind for _, kind in outputs]
             continue
         types = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
         expected = sum(2 if control else 1 for _, _, control in widget_inputs(types))
