@@ -15,6 +15,7 @@ import logging
 import time
 
 from ..optim.spec.errors import ConfigError
+from ..optim.units.compile.config import CompileConfig
 from ..optim.units.deepcache.config import DeepCacheConfig
 from ..optim.units.winograd.config import WinogradConfig
 from .inputs import ui_fields, values, widget
@@ -88,6 +89,8 @@ class _ModelPatch:
     FUNCTION = "patch"
     TITLE = ""
 
+    CHOICES: dict[str, tuple] = {}  # fields whose engine choices this node narrows (the first is the default)
+
     @classmethod
     def fields(cls):
         return ()
@@ -97,6 +100,9 @@ class _ModelPatch:
         required = {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}
         for info in cls.fields():
             required[info.name] = widget(info, empty=True)
+            if info.name in cls.CHOICES:
+                choices = cls.CHOICES[info.name]
+                required[info.name] = (list(choices), {**required[info.name][1], "default": choices[0]})
         return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @staticmethod
@@ -265,6 +271,64 @@ class SDAccelCFGCutoffModel(_ModelPatch):
         return (patched,)
 
 
-MODEL_PATCHES = {cls.__name__: cls for cls in (SDAccelWinogradModel, SDAccelDeepCacheModel, SDAccelCFGCutoffModel)}
+class SDAccelCompileModel(_ModelPatch):
+    """The diffusion model compiled for the CPU (OpenVINO, or inductor with frozen weights) for each run."""
+
+    TITLE = "SDAccel Compile (model)"
+    DESCRIPTION = ("Compile the diffusion model for the CPU: openvino (pip install openvino; about 1.5x per step, a "
+                   "minute or two to convert the first time) or inductor with the weights frozen in (needs a C++ "
+                   "compiler; longer first compile). The same image within fp32 rounding. Calls a graph cannot "
+                   "hold (a ControlNet, another node's UNet patches, DeepCache's steps) run uncompiled, said in "
+                   "the stats; another LoRA strength recompiles; a failed compile runs uncompiled with a note.")
+    CHOICES = {"backend": ("openvino", "inductor")}
+
+    @classmethod
+    def fields(cls):
+        return ui_fields(CompileConfig, skip=("targets", "granularity", "mode", "freezing"))
+
+    def patch(self, model, unique_id=None, **given):
+        from ..optim.native.compile import NativeCompile
+
+        self._check_layout(model, "SDAccel Compile")
+        settings = values(self.fields(), given)
+        cfg = CompileConfig(freezing=settings.get("backend") == "inductor", **settings)  # unfrozen: no CPU gain
+        interrupt = _comfy("comfy.model_management").InterruptProcessingException
+        state = NativeCompile(cfg, passthrough=(interrupt,))
+        patched = model.clone()
+        live = {}
+        wrappers = _comfy("comfy.patcher_extension").WrappersMP
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            report = RunReport(self.TITLE, unique_id, _steps_of(sigmas))
+            with state.run(guider.inner_model, report.context):
+                live["run"] = report
+                try:
+                    result = executor(guider, sigmas, *args, **kwargs)
+                finally:
+                    live.clear()
+            c = report.context.counters
+            backend = state.cfg.backend if state.cfg is not None else "none"
+            report.finish([f"{backend}: {c.get('compile_compiled_calls', 0)} compiled and "
+                           f"{c.get('compile_eager_calls', 0)} uncompiled model calls; "
+                           f"{c.get('compile_graphs', 0)} graph(s) built in {c.get('compile_s', 0.0):.1f} s"])
+            return result
+
+        def diffusion_model(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+            def eager():
+                return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+            report = live.get("run")
+            if report is None:  # a call outside a sampling run: the host's own
+                return eager()
+            return state.call(eager, report.context, x, timesteps, context, y, control, transformer_options,
+                              **kwargs)
+
+        self._add(patched, wrappers.SAMPLER_SAMPLE, sampler_sample)
+        self._add(patched, wrappers.DIFFUSION_MODEL, diffusion_model)
+        return (patched,)
+
+
+MODEL_PATCHES = {cls.__name__: cls for cls in (SDAccelWinogradModel, SDAccelDeepCacheModel, SDAccelCFGCutoffModel,
+                                               SDAccelCompileModel)}
 MODEL_PATCH_NAMES = {name: cls.TITLE for name, cls in MODEL_PATCHES.items()}
 __all__ = ["MODEL_PATCHES", "MODEL_PATCH_NAMES", "comfy_conv_weights", "step_of"]

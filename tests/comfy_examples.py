@@ -272,6 +272,8 @@ def build(plan: Plan) -> dict:
 NATIVE_PREFIX = "ksampler-"
 NATIVE_STEPS = 20
 LORA_NAME = "your_lora.safetensors"  # a placeholder the user replaces with a file from models/loras
+CONTROLNET_NAME = "your_controlnet.safetensors"  # the same for models/controlnet (an SD 1.5 ControlNet)
+CONTROL_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user loads their control image instead
 # The core nodes' widgets in the order ComfyUI's UI format stores them (its page converting these files in
 # tests/test_comfy_model_patches.py checks the order), their link inputs and their outputs.
 CORE_NODES = {
@@ -283,9 +285,14 @@ CORE_NODES = {
                   ("latent_image", "LATENT")), (("LATENT", "LATENT"),)),
     "VAEDecode": ((("samples", "LATENT"), ("vae", "VAE")), (("IMAGE", "IMAGE"),)),
     "SaveImage": ((("images", "IMAGE"),), ()),
+    "ControlNetLoader": ((), (("CONTROL_NET", "CONTROL_NET"),)),
+    "LoadImage": ((), (("IMAGE", "IMAGE"), ("MASK", "MASK"))),
+    "ControlNetApplyAdvanced": ((("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")),
+                                (("positive", "CONDITIONING"), ("negative", "CONDITIONING"))),
 }
 _PATCH_DEFAULTS = {"SDAccelWinogradModel": {}, "SDAccelDeepCacheModel": {"cache_interval": 3},
-                   "SDAccelCFGCutoffModel": {"cfg_cutoff": 0.5}}
+                   "SDAccelCFGCutoffModel": {"cfg_cutoff": 0.5}, "SDAccelCompileModel": {"backend": "openvino"}}
 
 
 @dataclass(frozen=True)
@@ -297,6 +304,7 @@ class NativePlan:
     description: str
     patches: tuple  # node types, in wiring order
     lora: bool = False
+    controlnet: bool = False  # core ControlNetLoader + LoadImage + ControlNetApplyAdvanced on the prompts
 
 
 def native_plans() -> list[NativePlan]:
@@ -309,11 +317,18 @@ def native_plans() -> list[NativePlan]:
                    "features of every third step reused in between (changes the image)", ("SDAccelDeepCacheModel",)),
         NativePlan("cfg-cutoff", "KSampler + CFG cutoff", "Guidance stopped after half the steps: the later steps "
                    "skip the negative prompt's pass (changes the image)", ("SDAccelCFGCutoffModel",)),
+        NativePlan("compile-openvino", "KSampler + OpenVINO", "ComfyUI's own model compiled by OpenVINO for the CPU "
+                   "(pip install openvino): the same image within fp32 rounding, a pause to convert on the first "
+                   "run", ("SDAccelCompileModel",)),
         NativePlan("fastest", "KSampler fastest", "Winograd, DeepCache and the CFG cutoff together on ComfyUI's own "
                    "model", ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel")),
         NativePlan("lora-winograd", "KSampler + LoRA + Winograd", "A core LoraLoader before the Winograd patch: the "
                    "transformed filters follow the LoRA's weights, at any strength", ("SDAccelWinogradModel",),
                    lora=True),
+        NativePlan("controlnet", "KSampler + ControlNet + Winograd + DeepCache", "A core ControlNet on the prompts: "
+                   "Winograd honours its residuals (the same image to fp32 rounding); DeepCache steps aside while a "
+                   "ControlNet is applied, and says so in the log", ("SDAccelWinogradModel", "SDAccelDeepCacheModel"),
+                   controlnet=True),
     ]
 
 
@@ -339,6 +354,16 @@ def build_native(plan: NativePlan) -> dict:
     graph.link(*clip, positive, 0)
     graph.link(*clip, negative, 0)
     latent = core("EmptyLatentImage", [SD15.size, SD15.size, 1], (x + 380, y + 400), (320, 110))
+    conditioning = (positive, 0), (negative, 0)
+    if plan.controlnet:
+        loader = core("ControlNetLoader", [CONTROLNET_NAME], (x, y + 330), (320, 60))
+        image = core("LoadImage", [CONTROL_IMAGE, "image"], (x, y + 420), (320, 320), title="Control image")
+        apply = core("ControlNetApplyAdvanced", [1.0, 0.0, 1.0], (x + 380, y + 560), (320, 190))
+        graph.link(positive, 0, apply, 0)
+        graph.link(negative, 0, apply, 1)
+        graph.link(loader, 0, apply, 2)
+        graph.link(image, 0, apply, 3)
+        conditioning = (apply, 0), (apply, 1)
     px = x + 820
     for node_type in plan.patches:
         cls = mappings[node_type]
@@ -350,8 +375,8 @@ def build_native(plan: NativePlan) -> dict:
         px += 380
     sampler = core("KSampler", [SEED, "fixed", NATIVE_STEPS, SD15.cfg, "euler", "normal", 1.0], (px, y), (320, 270))
     graph.link(*model, sampler, 0)
-    graph.link(positive, 0, sampler, 1)
-    graph.link(negative, 0, sampler, 2)
+    graph.link(*conditioning[0], sampler, 1)
+    graph.link(*conditioning[1], sampler, 2)
     graph.link(latent, 0, sampler, 3)
     decode = core("VAEDecode", [], (px + 360, y), (220, 50))
     graph.link(sampler, 0, decode, 0)
@@ -363,6 +388,7 @@ def build_native(plan: NativePlan) -> dict:
              f"({NATIVE_STEPS} steps, {SD15.size}x{SD15.size}, CFG {SD15.cfg}); compare its time with the "
              "ksampler-baseline workflow's.",
              f"To run: pick {SD15.hint} in Load Checkpoint" + (" and your LoRA in Load LoRA" if plan.lora else "")
+             + (", an SD 1.5 ControlNet in Load ControlNet Model and its control image" if plan.controlnet else "")
              + ". Each patch writes what it did and the time per step to the ComfyUI log after every run."]
     graph.add("Note", ["\n".join(lines)], pos=(40, 20), size=(720, 180), extra={"color": "#432", "bgcolor": "#653"})
     return graph.workflow()

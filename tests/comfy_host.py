@@ -150,14 +150,28 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=20)
 
 
-def write_host_models(models: Path, checkpoint: str, lora: str) -> None:
-    """An SD 1.5 ComfyUI's own loaders accept (`build_host_shaped_sd15`) and a kohya-format LoRA for it."""
+def write_host_models(models: Path, checkpoint: str, lora: str, controlnet: str | None = None,
+                      control_image: str | None = None) -> None:
+    """An SD 1.5 ComfyUI's own loaders accept (`build_host_shaped_sd15`), a kohya-format LoRA for it, and where
+    named an LDM-format ControlNet for it and a control image in the input folder beside `models`."""
+    from sdaccel.optim.testing.controlnet import ldm_controlnet
     from sdaccel.optim.testing.lora import kohya_unet_lora
     from sdaccel.optim.testing.random_weights import build_host_shaped_sd15, write_single_file
 
     pipe = build_host_shaped_sd15()
     write_single_file(pipe, "sd15", models / "checkpoints" / checkpoint, dtype="float16")
     kohya_unet_lora(pipe.unet, models / "loras" / lora)
+    if controlnet:
+        ldm_controlnet(pipe.unet, models / "controlnet" / controlnet)
+    if control_image:
+        import numpy as np
+        from PIL import Image
+
+        ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+        pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), np.full((64, 64), 128, np.uint8)],
+                          axis=-1)  # edges to follow in every direction
+        (models.parent / "input").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(models.parent / "input" / control_image)
 
 
 def start_server(base: Path, models: dict, write_extra=None):

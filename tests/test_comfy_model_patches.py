@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "example_workflows"
 NATIVE_WORKFLOWS = sorted(EXAMPLES.glob(f"{examples.NATIVE_PREFIX}*.json"))
 CHECKPOINT, LORA = examples.SD15.ckpt_name, examples.LORA_NAME  # the names the KSampler workflows hold
+CONTROLNET, CONTROL_IMAGE = examples.CONTROLNET_NAME, examples.CONTROL_IMAGE
 STEPS = 4
 
 pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.S
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-patches"), {},
-                                       lambda models: comfy_host.write_host_models(models, CHECKPOINT, LORA))
+                                       lambda models: comfy_host.write_host_models(models, CHECKPOINT, LORA,
+                                                                                   CONTROLNET, CONTROL_IMAGE))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,9 @@ def frontend(comfy):
 
 
 def graph(patch: dict | None = None, *, lora: float | None = 0.8, seed: int = 7, sampler: str = "euler",
-          scheduler: str = "normal", steps: int = STEPS, prefix: str = "run") -> dict:
-    """A core KSampler prompt; `patch` = {"class_type": ..., "inputs": {...}} goes between the LoRA and KSampler."""
+          scheduler: str = "normal", steps: int = STEPS, prefix: str = "run", patch_first: bool = False) -> dict:
+    """A core KSampler prompt; `patch` = {"class_type": ..., "inputs": {...}} goes between the LoRA and KSampler
+    (between the checkpoint and the LoRA with `patch_first`)."""
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
@@ -57,24 +60,34 @@ def graph(patch: dict | None = None, *, lora: float | None = 0.8, seed: int = 7,
         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}"}},
     }
     model = ["1", 0]
+
+    def add_patch(model):
+        if patch is None:
+            return model
+        prompt["6"] = {"class_type": patch["class_type"], "inputs": {"model": model, **patch["inputs"]}}
+        return ["6", 0]
+
+    if patch_first:
+        model = add_patch(model)
     if lora is not None:
         prompt["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": ["1", 1], "lora_name": LORA,
                                                               "strength_model": lora, "strength_clip": 0.0}}
         model = ["2", 0]
-    if patch is not None:
-        prompt["6"] = {"class_type": patch["class_type"], "inputs": {"model": model, **patch["inputs"]}}
-        model = ["6", 0]
+    if not patch_first:
+        model = add_patch(model)
     prompt["7"]["inputs"]["model"] = model
     return prompt
 
 
-def run_latent(comfy, prompt: dict):
-    """Run `prompt` afresh (ComfyUI's output cache emptied first) and return KSampler's latent."""
+def run_latent(comfy, prompt: dict, *, fresh: bool = True):
+    """Run `prompt` and return KSampler's latent; afresh (ComfyUI's output cache emptied first) unless `fresh` is
+    False, when the nodes whose inputs did not change keep their outputs, as in a user's re-queue."""
     import torch
     from safetensors.torch import load_file
 
-    comfy.request("/free", {"free_memory": True})
-    time.sleep(0.5)  # /free is a flag the queue worker reads before the next prompt
+    if fresh:
+        comfy.request("/free", {"free_memory": True})
+        time.sleep(0.5)  # /free is a flag the queue worker reads before the next prompt
     entry, _ = comfy.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     saved = entry["outputs"]["9"]["latents"][0]
@@ -123,7 +136,7 @@ def test_native_patches_on_comfyuis_own_unet_in_process(comfy):
 
 def test_patch_nodes_are_listed_under_sdaccel_model_patches(comfy):
     info = comfy.request("/object_info", timeout=120)
-    for node in ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel"):
+    for node in ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel", "SDAccelCompileModel"):
         assert info[node]["category"] == "sdaccel/model_patches"
         assert info[node]["input"]["required"]["model"][0] == "MODEL" and info[node]["output"] == ["MODEL"]
 
@@ -144,6 +157,71 @@ def test_winograd_gives_the_unpatched_image_with_each_lora_strength_and_goes_awa
     assert any(re.search(r"[1-9]\d* Winograd and 0 F\.conv2d calls over [1-9]\d* convolutions", line)
                for line in lines), lines
     assert any("s per step over 4 steps" in line for line in lines), lines
+
+
+COMPILE = {"class_type": "SDAccelCompileModel",
+           "inputs": {"backend": "openvino", "dynamic": False, "openvino_precision": "f32",
+                      "on_weight_change": "recompile"}}
+
+
+def compile_counts(comfy, since: int) -> list[tuple[int, int, int]]:
+    """(compiled calls, uncompiled calls, graphs built) of each compile report logged after line `since`."""
+    pattern = r"(\d+) compiled and (\d+) uncompiled model calls; (\d+) graph"
+    return [tuple(map(int, m.groups())) for line in log_lines(comfy, "SDAccel Compile (model)")[since:]
+            if (m := re.search(pattern, line))]
+
+
+def test_compile_gives_the_unpatched_image_and_follows_a_lora_strength_change(comfy):
+    """OpenVINO on ComfyUI's own model. Placed before the LoRA, the patch's output stays cached on a re-queue with
+    another strength while ComfyUI patches the weights in place: the baked graph must notice and recompile."""
+    base = {s: run_latent(comfy, graph(lora=s)) for s in (0.8, 0.3)}
+    since = len(log_lines(comfy, "SDAccel Compile (model)"))
+    first = run_latent(comfy, graph(COMPILE, lora=0.8, patch_first=True))
+    second = run_latent(comfy, graph(COMPILE, lora=0.3, patch_first=True), fresh=False)
+    third = run_latent(comfy, graph(COMPILE, lora=0.3, patch_first=True), fresh=False)  # nothing changed
+    assert rel(first, base[0.8]) < 1e-4 and rel(second, base[0.3]) < 1e-4, (rel(first, base[0.8]),
+                                                                            rel(second, base[0.3]))
+    counts = compile_counts(comfy, since)
+    calls = 2 * STEPS  # ComfyUI batches cond and uncond: one call per step (two if it splits them)
+    assert [c[1] for c in counts] == [0, 0] and all(c[0] in (STEPS, calls) for c in counts), counts
+    assert counts[0][2] == 1 and counts[1][2] == 1, counts  # built, then rebuilt for the new weights
+    assert any("recompiled with the new weights" in line for line in log_lines(comfy, "SDAccel Compile (model)"))
+    assert len(counts) == 2 and third.equal(second)  # an unchanged re-queue is served from ComfyUI's cache
+    assert run_latent(comfy, graph(lora=0.3)).equal(base[0.3])  # bypassed: the unpatched image
+
+
+def with_controlnet(prompt: dict, strength: float = 1.0) -> dict:
+    """`prompt` with a core ControlNet (ControlNetLoader, LoadImage, ControlNetApplyAdvanced) on both prompts."""
+    prompt["10"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": CONTROL_IMAGE}}
+    prompt["12"] = {"class_type": "ControlNetApplyAdvanced",
+                    "inputs": {"positive": ["3", 0], "negative": ["4", 0], "control_net": ["10", 0],
+                               "image": ["11", 0], "strength": strength, "start_percent": 0.0, "end_percent": 1.0}}
+    prompt["7"]["inputs"].update(positive=["12", 0], negative=["12", 1])
+    return prompt
+
+
+DEEPCACHE_2 = {"class_type": "SDAccelDeepCacheModel",
+               "inputs": {"cache_interval": 2, "cache_branch_id": 0, "start_step": 0, "end_step": 0}}
+
+
+def test_with_a_controlnet_each_patch_honours_its_residuals_or_steps_aside_and_says_so(comfy):
+    """A random ControlNet in the original format through ComfyUI's core loader and apply node. Winograd honours
+    the residuals (same image to fp32 rounding); DeepCache and Compile step aside (exactly the unpatched image)
+    and the log says why."""
+    controlled = run_latent(comfy, with_controlnet(graph()))
+    assert rel(controlled, run_latent(comfy, graph())) > 1e-3  # the ControlNet acts on the image
+    titles = ("SDAccel DeepCache (model)", "SDAccel Compile (model)")
+    before = {title: len(log_lines(comfy, title)) for title in titles}
+    assert rel(run_latent(comfy, with_controlnet(graph(WINOGRAD))), controlled) < 1e-4
+    assert run_latent(comfy, with_controlnet(graph(DEEPCACHE_2))).equal(controlled)
+    assert run_latent(comfy, with_controlnet(graph(COMPILE))).equal(controlled)
+    deepcache = log_lines(comfy, titles[0])[before[titles[0]]:]
+    assert any("DeepCache stepped aside: a ControlNet is applied" in line for line in deepcache), deepcache
+    assert any(re.search(r"0 of [1-9]\d* UNet calls reused", line) for line in deepcache), deepcache
+    compiled = log_lines(comfy, titles[1])[before[titles[1]]:]
+    assert any("calls ran eager because a ControlNet is applied" in line for line in compiled), compiled
+    assert any(re.search(r"0 compiled and [1-9]\d* uncompiled model calls", line) for line in compiled), compiled
 
 
 @pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("dpmpp_2m", "karras"), ("heun", "simple")])

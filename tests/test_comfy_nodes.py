@@ -37,7 +37,8 @@ LOADER_DEFAULTS = dict(family="auto", prediction_type="auto", config_dir="", dev
 STABLE_IDS = ["SDAccelLoader", "SDAccelPrecision", "SDAccelAttention", "SDAccelChannelsLast", "SDAccelWinograd",
               "SDAccelDeepCache", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload", "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
-              "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel"]
+              "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
+              "SDAccelCompileModel"]
 
 
 def call(node_type: str, **inputs):

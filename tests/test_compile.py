@@ -429,7 +429,7 @@ def test_each_compile_keeps_its_own_dynamo_cache_and_frees_it_on_remove():
     built = []
     for _ in range(10):
         patch = PatchSet("compile-test")
-        target = compile_unit._Target(module, compile_unit._BlockIO, cfg,
+        target = compile_unit.CompileTarget(module, compile_unit._BlockIO, cfg,
                                       lambda t: compile_unit._DynamoEngine(lambda: _eager_backend, False, "test"))
         compile_unit._install(patch, module, target)
         torch.testing.assert_close(module(x), module.__class__.forward(module, x), rtol=0, atol=0)

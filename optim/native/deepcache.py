@@ -20,7 +20,7 @@ import torch
 from ..core.registry import RunContext
 from ..spec.errors import ConfigError
 from ..units.deepcache.config import DeepCacheConfig
-from .ldm import block_layers, find_ldm_unet
+from .ldm import block_layers, find_ldm_unet, mark_layer_patch
 
 
 class _Kept:
@@ -87,6 +87,7 @@ class LDMDeepCache:
             previous = layer.__dict__.get("forward")
             layer.forward = make(previous or layer.forward)
             self._installed.append((layer, previous, layer.forward))
+        mark_layer_patch(self.unet, "DeepCache", True)
 
     def uninstall(self) -> None:
         while self._installed:
@@ -98,6 +99,7 @@ class LDMDeepCache:
                 del layer.forward
             else:
                 layer.forward = previous
+        mark_layer_patch(self.unet, "DeepCache", False)
         self.kept.clear()
         self._step, self._call, self.mode = -1, 0, "off"
 

@@ -7,6 +7,8 @@ the hidden state with the popped skip before each output block. The native patch
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..spec.errors import UnavailableError
@@ -36,3 +38,19 @@ def block_layers(block) -> list[torch.nn.Module]:
     if block is None:
         return []
     return list(block) if isinstance(block, torch.nn.Sequential) else [block]
+
+
+_LAYER_PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_patches(unet) -> set[str]:
+    """The patches replacing layers of `unet` right now (per-step decisions a whole-UNet graph must not freeze)."""
+    return set(_LAYER_PATCHES.get(unet, ())) if unet is not None else set()
+
+
+def mark_layer_patch(unet, name: str, active: bool) -> None:
+    names = _LAYER_PATCHES.setdefault(unet, set())
+    if active:
+        names.add(name)
+    else:
+        names.discard(name)

@@ -55,6 +55,12 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter; None for inference tensors (a host loading under inference_mode), which keep
+    none: for those the data pointer and the sampled values tell a change."""
+    return None if t.is_inference() else t._version
+
+
 class WeightWatch:
     """What a module's weights looked like when a backend baked them in, cheap to compare again.
 
@@ -77,7 +83,7 @@ class WeightWatch:
         data = t.detach()
         coords = _sample_coords(tuple(data.shape), _WATCH_SAMPLES)
         values = data[coords].clone() if coords is not None else None
-        return data.data_ptr(), t._version, data.dtype, data.device, tuple(data.shape), coords, values
+        return data.data_ptr(), _version(t), data.dtype, data.device, tuple(data.shape), coords, values
 
     def changed(self) -> str | None:
         """The name of the first tensor that differs from the record, or None."""
@@ -92,7 +98,7 @@ class WeightWatch:
                 return name
             ptr, version, dtype, device, shape, coords, values = old
             data = t.detach()
-            if (data.data_ptr(), t._version, data.dtype, data.device, tuple(data.shape)) != \
+            if (data.data_ptr(), _version(t), data.dtype, data.device, tuple(data.shape)) != \
                     (ptr, version, dtype, device, shape):
                 return name
             if values is not None and not _same_values(data[coords], values):
@@ -214,7 +220,7 @@ class _DecoderIO:
         return result
 
 
-class _Call:
+class PlainCall:
     """Positional and keyword arguments passed through unchanged (the shape of a BoundArguments)."""
 
     def __init__(self, args, kwargs):
@@ -228,7 +234,7 @@ class _BlockIO:
         self.label = label
 
     def prepare(self, args, kwargs):
-        return _Call(args, kwargs), False
+        return PlainCall(args, kwargs), False
 
     @staticmethod
     def finish(out, return_dict: bool):
@@ -297,7 +303,7 @@ class _CountingBackend:
     through a weak reference only.
     """
 
-    def __init__(self, inner: Callable, target: "_Target"):
+    def __init__(self, inner: Callable, target: "CompileTarget"):
         self.inner = inner
         self._target = weakref.ref(target)
         self.compiler_name = getattr(inner, "compiler_name", getattr(inner, "__name__", "backend"))
@@ -336,7 +342,7 @@ class _DynamoEngine:
         self.compiled: Callable | None = None
         self._scope: dict = {}
 
-    def __call__(self, target: "_Target", bound) -> object:
+    def __call__(self, target: "CompileTarget", bound) -> object:
         if self.compiled is None:
             backend = _CountingBackend(self._make_backend(), target)
             entry = _private_entry(target.eager, self._label)
@@ -362,11 +368,11 @@ class _DynamoEngine:
 class _ModuleCompilerEngine:
     """A library that turns the eager callable into a compiled callable at once (stable-fast, OneDiff)."""
 
-    def __init__(self, build: Callable[["_Target"], Callable]):
+    def __init__(self, build: Callable[["CompileTarget"], Callable]):
         self._build = build
         self.compiled: Callable | None = None
 
-    def __call__(self, target: "_Target", bound) -> object:
+    def __call__(self, target: "CompileTarget", bound) -> object:
         if self.compiled is None:
             self.compiled = self._build(target)
             target.graph_built()
@@ -388,7 +394,7 @@ class _OpenVinoEngine:
         self._properties = {"INFERENCE_PRECISION_HINT": "f32"} if cfg.openvino_precision == "f32" else {}
         self.models: OrderedDict = OrderedDict()
 
-    def __call__(self, target: "_Target", bound) -> object:
+    def __call__(self, target: "CompileTarget", bound) -> object:
         tensors = target.io.ov_tensors(bound)
         if tensors is None:
             return _EAGER
@@ -406,7 +412,7 @@ class _OpenVinoEngine:
         out = torch.from_numpy(result).to(tensors[0].device)
         return target.io.ov_output(out)
 
-    def _build(self, target: "_Target", tensors: list, key):
+    def _build(self, target: "CompileTarget", tensors: list, key):
         import openvino as ov
 
         shapes = [ov.PartialShape([-1 if (self._dynamic and d in dyn) else s for d, s in enumerate(t.shape)])
@@ -448,12 +454,15 @@ def _openvino_core():
 # ---------------------------------------------------------------- one compiled module
 
 
-class _Target:
+class CompileTarget:
     """One compiled module (the UNet or the VAE decoder): its engine, its weight watch, its counters."""
 
-    def __init__(self, module: torch.nn.Module, io_cls, cfg, make_engine: Callable):  # cfg: CompileConfig
+    def __init__(self, module: torch.nn.Module, io_cls, cfg, make_engine: Callable,  # cfg: CompileConfig
+                 eager: Callable | None = None):
         self.module = module
-        self.eager = module.forward  # whatever is installed now (an earlier unit's patch included)
+        # what the compiled graph computes: whatever forward is installed now (an earlier unit's patch included),
+        # or a host's plain-tensor call of its own module (optim/native/compile.py)
+        self.eager = eager or module.forward
         self.io = io_cls(self.eager)
         self.cfg = cfg
         self.counts = _Counts()
@@ -516,7 +525,7 @@ class _Target:
         self.watch = None
 
 
-def _install(patch, module: torch.nn.Module, target: _Target) -> None:
+def _install(patch, module: torch.nn.Module, target: CompileTarget) -> None:
     """Route `module.forward` through `target`; removal deletes the attribute (the class forward returns)."""
 
     @functools.wraps(target.eager)

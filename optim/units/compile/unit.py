@@ -40,7 +40,7 @@ from .engines import (
     _install,
     _ModuleCompilerEngine,
     _OpenVinoEngine,
-    _Target,
+    CompileTarget,
     _UnetIO,
 )
 
@@ -101,6 +101,16 @@ def _check_cuda_only(backend: str, device: torch.device) -> None:
         raise UnavailableError(option_name, "the oneflow package is not installed", install)
 
 
+def check_backend(cfg: CompileConfig, device: torch.device) -> None:
+    """UnavailableError (naming the backend, the reason and the fix) unless `cfg.backend` can run on `device`."""
+    if cfg.backend == "inductor":
+        _check_inductor(device)
+    elif cfg.backend == "openvino":
+        _check_openvino(device)
+    else:
+        _check_cuda_only(cfg.backend, device)
+
+
 def _inductor_backend(cfg: CompileConfig) -> Callable[[], Callable]:
     """Inductor with this unit's settings as per-compile config patches (never process-wide flags)."""
     options = {"freezing": cfg.freezing}
@@ -118,7 +128,7 @@ def _tensorrt_backend() -> Callable:
     return lookup_backend("torch_tensorrt")
 
 
-def _stable_fast_build(target: _Target) -> Callable:
+def _stable_fast_build(target: CompileTarget) -> Callable:
     """stable-fast's documented `compile_unet`, with its memory-format and xformers mutations turned off.
 
     `compile_unet` replaces `module.forward` with its traced one; that callable is taken back out so this
@@ -139,13 +149,13 @@ def _stable_fast_build(target: _Target) -> Callable:
         module.__dict__["forward"] = installed
 
 
-def _onediff_build(target: _Target) -> Callable:
+def _onediff_build(target: CompileTarget) -> Callable:
     from onediff.infer_compiler import oneflow_compile
 
     return oneflow_compile(target.module)
 
 
-def _make_engine(cfg: CompileConfig, label: str) -> Callable[[_Target], object]:
+def make_engine(cfg: CompileConfig, label: str) -> Callable[[CompileTarget], object]:
     if cfg.backend == "inductor":
         return lambda t: _DynamoEngine(_inductor_backend(cfg), cfg.dynamic, label)
     if cfg.backend == "openvino":
@@ -160,7 +170,7 @@ def _make_engine(cfg: CompileConfig, label: str) -> Callable[[_Target], object]:
 # ---------------------------------------------------------------- per-run reporting
 
 
-def _report(cfg: CompileConfig, targets: list, before: list, run: RunContext) -> None:
+def report_compiles(cfg: CompileConfig, targets: list, before: list, run: RunContext) -> None:
     """Add what this run compiled to the run's counters and notes (compile time apart from run time)."""
     graphs = seconds = rebuilds = eager = 0
     built = []
@@ -198,7 +208,7 @@ def _compile_scope(cfg: CompileConfig, targets: list, run: RunContext):
         try:
             yield
         finally:
-            _report(cfg, targets, before, run)
+            report_compiles(cfg, targets, before, run)
 
 
 # ---------------------------------------------------------------- the unit
@@ -216,15 +226,8 @@ class Compile(Unit):
             return [CompileConfig(backend="openvino", dynamic=True, targets="unet+vae")]
         return [CompileConfig(backend="inductor")]
 
-
     def check(self, cfg: CompileConfig, ctx: ApplyContext) -> None:
-        device = torch.device(ctx.device)
-        if cfg.backend == "inductor":
-            _check_inductor(device)
-        elif cfg.backend == "openvino":
-            _check_openvino(device)
-        else:
-            _check_cuda_only(cfg.backend, device)
+        check_backend(cfg, torch.device(ctx.device))
 
     def fallback(self, cfg: CompileConfig, ctx: ApplyContext) -> CompileConfig | None:
         """On a machine without the chosen compiler: inductor (frozen on a CPU), else OpenVINO, else nothing."""
@@ -266,7 +269,7 @@ class Compile(Unit):
         targets = []
         for label, module, io_cls in modules:
             io_factory = functools.partial(io_cls, label=label) if io_cls is _BlockIO else io_cls
-            target = _Target(module, io_factory, cfg, _make_engine(cfg, label.replace(".", "_")))
+            target = CompileTarget(module, io_factory, cfg, make_engine(cfg, label.replace(".", "_")))
             _install(patch, module, target)
             targets.append(target)
         patch.info["targets"] = targets
