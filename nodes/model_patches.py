@@ -78,6 +78,25 @@ class RunReport:
                                            "counters": dict(self.context.counters)}, server.client_id)
 
 
+def show_busy(node_id: str | None):
+    """A RunContext busy listener: a patch's long first-use work (Winograd's calibration) shown on its node as
+    text and a progress bar, and stopped at once by ComfyUI's interrupt (its progress hook checks the flag)."""
+    model_management, utils = _comfy("comfy.model_management"), _comfy("comfy.utils")
+    shown = {}
+
+    def listener(what: str, done: int, total: int) -> None:
+        model_management.throw_exception_if_processing_interrupted()
+        if what not in shown:
+            shown.clear()
+            shown[what] = utils.ProgressBar(total, node_id=node_id)
+            server = getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+            if server is not None and node_id is not None:
+                server.send_progress_text(what, node_id)
+        shown[what].update_absolute(done, total)
+
+    return listener
+
+
 def _steps_of(sigmas) -> int:
     return max(1, len(sigmas) - 1)
 
@@ -90,6 +109,7 @@ class _ModelPatch:
     TITLE = ""
 
     CHOICES: dict[str, tuple] = {}  # fields whose engine choices this node narrows (the first is the default)
+    DEFAULTS: dict[str, object] = {}  # fields whose engine default this node changes
 
     @classmethod
     def fields(cls):
@@ -103,6 +123,9 @@ class _ModelPatch:
             if info.name in cls.CHOICES:
                 choices = cls.CHOICES[info.name]
                 required[info.name] = (list(choices), {**required[info.name][1], "default": choices[0]})
+            if info.name in cls.DEFAULTS:
+                required[info.name] = (required[info.name][0], {**required[info.name][1],
+                                                                "default": cls.DEFAULTS[info.name]})
         return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @staticmethod
@@ -122,8 +145,14 @@ class SDAccelWinogradModel(_ModelPatch):
     TITLE = "SDAccel Winograd (model)"
     DESCRIPTION = ("Winograd convolution on the diffusion model's 3x3 convolutions: fewer multiplications on a CPU, "
                    "the same image to fp32 rounding. The transformed filters follow the weights ComfyUI uses for "
-                   "the run (LoRAs included) and are kept while those weights stay. CPU only; on a GPU the model "
-                   "samples unchanged.")
+                   "the run (LoRAs included) and are kept while those weights stay. The first use of each new "
+                   "image size measures its convolution shapes on this CPU (about 40 s at 512x512 on 2 cores, shown "
+                   "on this node, stopped by Cancel) and keeps the result. CPU only; on a GPU the model samples "
+                   "unchanged.")
+    # The compiled transforms take 7% off the UNet's convolution time at 512x512 but cost a one-time compile of
+    # about 4 minutes on 2 cores (2 with inductor's disk cache warm): opt-in here, where a first run must not
+    # stall a queue.
+    DEFAULTS = {"fused_transforms": False}
 
     @classmethod
     def fields(cls):
@@ -146,13 +175,18 @@ class SDAccelWinogradModel(_ModelPatch):
                     return executor(guider, sigmas, *args, **kwargs)
                 finally:
                     report.finish([])
+            report.context.busy_listeners.append(show_busy(unique_id))
             with state.run(guider.inner_model, report.context):
                 result = executor(guider, sigmas, *args, **kwargs)
             counters = report.context.counters
-            report.finish([f"{counters.get('winograd_winograd_calls', 0)} Winograd and "
-                           f"{counters.get('winograd_conv2d_calls', 0)} F.conv2d calls over "
-                           f"{counters.get('winograd_layers', 0)} convolutions; "
-                           f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"])
+            lines = [f"{counters.get('winograd_winograd_calls', 0)} Winograd and "
+                     f"{counters.get('winograd_conv2d_calls', 0)} F.conv2d calls over "
+                     f"{counters.get('winograd_layers', 0)} convolutions; "
+                     f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"]
+            if counters.get("winograd_calibrated_shapes"):
+                lines.append(f"measured {counters['winograd_calibrated_shapes']} new convolution shapes on this CPU "
+                             f"in {counters.get('winograd_calibration_s', 0):.1f} s (once; kept for next time)")
+            report.finish(lines)
             return result
 
         self._add(patched, _comfy("comfy.patcher_extension").WrappersMP.SAMPLER_SAMPLE, sampler_sample)
@@ -328,7 +362,110 @@ class SDAccelCompileModel(_ModelPatch):
         return (patched,)
 
 
+class SDAccelPrecisionModel(_ModelPatch):
+    """The diffusion model in native half precision and/or channels-last for each sampling run."""
+
+    TITLE = "SDAccel Precision (model)"
+    DESCRIPTION = ("Run the diffusion model in half precision (bf16 on CPUs with AVX512-BF16 or AMX) and/or with "
+                   "channels-last weights. Unlike ComfyUI's ModelComputeDtype, which casts every fp32 weight to "
+                   "bf16 inside every layer call, the weights are converted once when a run starts (LoRAs "
+                   "included) and put back when it ends: the same numbers as ModelComputeDtype bf16, without the "
+                   "per-step copies. During a run the fp32 weights are kept for afterwards (1.5x the model's "
+                   "memory). On a CPU without native bf16, half keeps fp32 and says so.")
+
+    @classmethod
+    def fields(cls):
+        from ..optim.native.precision import ModelPrecisionConfig
+
+        return ui_fields(ModelPrecisionConfig)
+
+    def patch(self, model, unique_id=None, **given):
+        import torch
+
+        from ..optim.native.ldm import find_ldm_unet
+        from ..optim.native.precision import ModelPrecisionConfig, converted, resolve_dtype
+
+        self._check_layout(model, "SDAccel Precision")
+        cfg = ModelPrecisionConfig(**values(self.fields(), given))
+        dtype, note = resolve_dtype(cfg.dtype, model.load_device)
+        patched = model.clone()
+        if dtype != torch.float32:
+            patched.add_object_patch("manual_cast_dtype", dtype)  # the dtype ComfyUI casts the inputs to
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            report = RunReport(self.TITLE, unique_id, _steps_of(sigmas))
+            if note:
+                report.context.note(note)
+            unet = find_ldm_unet(guider.inner_model, "SDAccel Precision")
+            with converted(unet, report.context, dtype=dtype, channels_last=cfg.channels_last):
+                result = executor(guider, sigmas, *args, **kwargs)
+            c = report.context.counters
+            name = str(dtype).replace("torch.", "")
+            lines = [f"weights {name}: {c['precision_weight_bytes_before'] / 2**20:.0f} -> "
+                     f"{c['precision_weight_bytes'] / 2**20:.0f} MB for the run (plus "
+                     f"{c['precision_held_bytes'] / 2**20:.0f} MB of originals kept), converted in "
+                     f"{c['precision_convert_s']:.2f} s"]
+            if cfg.channels_last:
+                lines.append(f"channels-last: {c['precision_channels_last_weights']} 4-D weights")
+            report.finish(lines)
+            return result
+
+        self._add(patched, _comfy("comfy.patcher_extension").WrappersMP.SAMPLER_SAMPLE, sampler_sample)
+        return (patched,)
+
+
+class SDAccelAttentionModel(_ModelPatch):
+    """ComfyUI's own attention function of the caller's choice for the diffusion model, for this model only."""
+
+    TITLE = "SDAccel Attention (model)"
+    DESCRIPTION = ("Choose which of ComfyUI's own attention functions the diffusion model uses, for this model "
+                   "only (no restart, no command-line flag). On a CPU ComfyUI uses sub-quadratic attention, "
+                   "which computes in chunks to save memory; pytorch (scaled_dot_product_attention) is the same "
+                   "attention to fp32 rounding and faster there (measured). auto: pytorch on a CPU, ComfyUI's "
+                   "choice elsewhere.")
+    BACKENDS = ("auto", "pytorch", "sub_quad", "split")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
+                             "backend": (list(cls.BACKENDS), {"default": "auto", "tooltip": cls.DESCRIPTION})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def patch(self, model, backend="auto", unique_id=None):
+        if backend not in self.BACKENDS:
+            raise ConfigError("backend", f"{backend!r} is not one of {', '.join(self.BACKENDS)}",
+                              "pick one of the listed attention functions")
+        self._check_layout(model, "SDAccel Attention")
+        attention = _comfy("comfy.ldm.modules.attention")
+        device = getattr(model, "load_device", None)
+        name = backend
+        if backend == "auto":
+            name = "pytorch" if getattr(device, "type", "cpu") == "cpu" else ""
+        patched = model.clone()
+        if not name:  # ComfyUI's own choice for this device
+            return (patched,)
+        chosen = attention.get_attention_function(name)
+        calls = {"n": 0}
+
+        def override(func, *args, **kwargs):
+            calls["n"] += 1
+            return chosen(*args, **kwargs)
+
+        options = patched.model_options.setdefault("transformer_options", {})
+        options["optimized_attention_override"] = override
+
+        def sampler_sample(executor, guider, sigmas, *args, **kwargs):
+            report = RunReport(self.TITLE, unique_id, _steps_of(sigmas))
+            before = calls["n"]
+            result = executor(guider, sigmas, *args, **kwargs)
+            report.finish([f"{calls['n'] - before} attention calls through ComfyUI's {name} attention"])
+            return result
+
+        self._add(patched, _comfy("comfy.patcher_extension").WrappersMP.SAMPLER_SAMPLE, sampler_sample)
+        return (patched,)
+
+
 MODEL_PATCHES = {cls.__name__: cls for cls in (SDAccelWinogradModel, SDAccelDeepCacheModel, SDAccelCFGCutoffModel,
-                                               SDAccelCompileModel)}
+                                               SDAccelCompileModel, SDAccelPrecisionModel, SDAccelAttentionModel)}
 MODEL_PATCH_NAMES = {name: cls.TITLE for name, cls in MODEL_PATCHES.items()}
 __all__ = ["MODEL_PATCHES", "MODEL_PATCH_NAMES", "comfy_conv_weights", "step_of"]

@@ -100,9 +100,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gen, EnsembleSpec)
 
     bench = sub.add_parser("bench", help="benchmark presets side by side on this machine (or `bench winograd`)")
-    bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd"),
+    bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd", "comfyui"),
                        help="presets (default): whole runs per preset; winograd: every 3x3 conv shape, "
-                       "F.conv2d vs Winograd")
+                       "F.conv2d vs Winograd; comfyui: the MODEL patches in a real ComfyUI (--comfyui, "
+                       "--comfyui-python) against the engine's pipeline with the same toggles")
     bench.add_argument("--family", default=None, choices=sorted(FAMILIES),
                        help="family to build with random weights (default sd15), or an override of what "
                        "--checkpoint is detected as")
@@ -127,6 +128,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="bench winograd: NHWC activations on both sides (Winograd on top of channels-last)")
     bench.add_argument("--modules", default="unet,vae_decoder",
                        help="bench winograd: which modules to measure (comma-separated: unet, vae_decoder)")
+    bench.add_argument("--comfyui", default=None, help="bench comfyui: the ComfyUI checkout to start (127.0.0.1)")
+    bench.add_argument("--comfyui-python", default=None, help="bench comfyui: the python of ComfyUI's venv")
+    bench.add_argument("--variants", default=None, help="bench comfyui: comma-separated variants (default all: "
+                       "baseline, winograd, deepcache, cfg-cutoff, precision-half, comfy-compute-bf16, "
+                       "channels-last, compile-openvino)")
+    bench.add_argument("--no-engine", action="store_true", help="bench comfyui: skip the engine's side")
     bench.add_argument("--eager-transforms", action="store_true",
                        help="bench winograd: the eager PyTorch transforms instead of the compiled ones")
     return parser
@@ -268,6 +275,8 @@ def cmd_bench(args) -> int:
         if args.json:
             print(f"wrote {write_json(report, args.json)}")
         return 0
+    if args.target == "comfyui":
+        return _bench_comfyui(args, write_json)
     settings = BenchSettings(family=args.family, size=args.size, steps=args.steps,
                              presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
                              checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
@@ -280,6 +289,34 @@ def cmd_bench(args) -> int:
         print(f"wrote {write_json(report, args.json)}")
     if args.chart:
         print(f"wrote {write_chart(report, args.chart)}")
+    return 0
+
+
+def _bench_comfyui(args, write_json) -> int:
+    from .bench.comfyui import (
+        VARIANTS,
+        ComfyBenchSettings,
+        format_comfyui_table,
+        run_comfyui_bench,
+        write_comfyui_chart,
+    )
+    from .spec.errors import ConfigError
+
+    if not args.comfyui or not args.comfyui_python:
+        raise ConfigError("bench comfyui", "needs --comfyui and --comfyui-python",
+                          "give a ComfyUI checkout and its venv's python, e.g. --comfyui ~/ComfyUI "
+                          "--comfyui-python ~/ComfyUI/venv/bin/python")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(VARIANTS)
+    settings = ComfyBenchSettings(comfyui=args.comfyui, python=args.comfyui_python, size=args.size,
+                                  steps=args.steps, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                                  cfg=args.cfg if args.cfg is not None else 7.0, variants=variants,
+                                  engine=not args.no_engine)
+    report = run_comfyui_bench(settings)
+    print(format_comfyui_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.chart:
+        print(f"wrote {write_comfyui_chart(report, args.chart)}")
     return 0
 
 

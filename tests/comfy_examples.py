@@ -292,7 +292,8 @@ CORE_NODES = {
                                 (("positive", "CONDITIONING"), ("negative", "CONDITIONING"))),
 }
 _PATCH_DEFAULTS = {"SDAccelWinogradModel": {}, "SDAccelDeepCacheModel": {"cache_interval": 3},
-                   "SDAccelCFGCutoffModel": {"cfg_cutoff": 0.5}, "SDAccelCompileModel": {"backend": "openvino"}}
+                   "SDAccelCFGCutoffModel": {"cfg_cutoff": 0.5}, "SDAccelCompileModel": {"backend": "openvino"},
+                   "SDAccelPrecisionModel": {"dtype": "half"}, "SDAccelAttentionModel": {"backend": "auto"}}
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,15 @@ def native_plans() -> list[NativePlan]:
         NativePlan("compile-openvino", "KSampler + OpenVINO", "ComfyUI's own model compiled by OpenVINO for the CPU "
                    "(pip install openvino): the same image within fp32 rounding, a pause to convert on the first "
                    "run", ("SDAccelCompileModel",)),
-        NativePlan("fastest", "KSampler fastest", "Winograd, DeepCache and the CFG cutoff together on ComfyUI's own "
-                   "model", ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel")),
+        NativePlan("precision-bf16", "KSampler + bf16", "ComfyUI's own model in bf16 on a CPU with AVX512-BF16 or AMX "
+                   "(fp32 kept, with a note, on one without): the weights converted once per run instead of in every "
+                   "layer call as ModelComputeDtype does (changes the image slightly)", ("SDAccelPrecisionModel",)),
+        NativePlan("attention", "KSampler + pytorch attention", "ComfyUI's pytorch attention for this model instead of "
+                   "its CPU default (sub-quadratic): the same image to fp32 rounding", ("SDAccelAttentionModel",)),
+        NativePlan("fastest", "KSampler fastest", "pytorch attention, bf16 (on CPUs that have it), DeepCache and the "
+                   "CFG cutoff together on ComfyUI's own model (Winograd is left out: it runs in fp32 only)",
+                   ("SDAccelAttentionModel", "SDAccelPrecisionModel", "SDAccelDeepCacheModel",
+                    "SDAccelCFGCutoffModel")),
         NativePlan("lora-winograd", "KSampler + LoRA + Winograd", "A core LoraLoader before the Winograd patch: the "
                    "transformed filters follow the LoRA's weights, at any strength", ("SDAccelWinogradModel",),
                    lora=True),

@@ -14,20 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from sdaccel.optim.bench.comfyui_server import RUN_TIMEOUT_S  # noqa: F401 (for the tests)
+from sdaccel.optim.bench.comfyui_server import ComfyServer as Server
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-START_TIMEOUT_S, RUN_TIMEOUT_S = 420, 600
 # Chromium on a machine with a closed network: no background connections, no first-run work, no GPU
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -46,58 +41,6 @@ def host_python(checkout: Path) -> str:
         if candidate.exists():
             return str(candidate)
     return sys.executable
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running ComfyUI: its HTTP API, its log, and the timings the tests print at the end."""
-
-    url: str
-    base: Path
-    log: Path
-    process: subprocess.Popen
-    timings: dict = field(default_factory=dict)
-
-    def request(self, path: str, body=None, timeout: float = 30):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
-
-    def queue(self, prompt: dict) -> str:
-        try:
-            answer = self.request("/prompt", {"prompt": prompt, "client_id": "sdaccel-tests"})
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"/prompt rejected the prompt: {exc.read().decode()[:3000]}") from exc
-        assert not answer.get("node_errors"), answer
-        return answer["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.request(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None \
-                    and history[prompt_id]["status"].get("status_str") in ("success", "error"):
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                raise AssertionError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
-            time.sleep(0.25)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
-
-    def run(self, prompt: dict) -> tuple[dict, float]:
-        start = time.perf_counter()
-        entry = self.wait(self.queue(prompt))
-        return entry, time.perf_counter() - start
 
 
 def write_models(models: Path, named: dict) -> None:
@@ -140,16 +83,6 @@ def write_taesd(folder: Path, prefix: str) -> None:
         torch.save(raw, folder / f"{prefix}_{side}.pth")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
-
-
 def write_host_models(models: Path, checkpoint: str, lora: str, controlnet: str | None = None,
                       control_image: str | None = None) -> None:
     """An SD 1.5 ComfyUI's own loaders accept (`build_host_shaped_sd15`), a kohya-format LoRA for it, and where
@@ -178,42 +111,20 @@ def start_server(base: Path, models: dict, write_extra=None):
     """Start ComfyUI on a free loopback port with `base` as its base directory; a generator for a fixture.
     `write_extra(models_folder)` adds files beyond the workflows' checkpoints."""
     import pytest
+    from sdaccel.optim.bench.comfyui_server import HostError, launch
 
     checkout = Path(COMFYUI_PATH).expanduser().resolve()
-    if not (checkout / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} holds no ComfyUI main.py")
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "sdaccel").symlink_to(ROOT, target_is_directory=True)
     write_models(base / "models", models)
     if write_extra is not None:
         write_extra(base / "models")
-    port = free_port()
-    env = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)
-    log = base / "server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [host_python(checkout), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-            cwd=checkout, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", base, log, process)
-    started = time.monotonic()
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited during start-up ({process.returncode}):\n{server.log_tail()}")
-            try:
-                server.request("/object_info/SDAccelSampler", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-                if time.monotonic() - started > START_TIMEOUT_S:
-                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S}s:\n{server.log_tail()}")
-                time.sleep(1)
-        server.timings["start_s"] = round(time.monotonic() - started, 1)
+        server = launch(checkout, host_python(checkout), base, pack=ROOT, client_id="sdaccel-tests")
+    except HostError as exc:
+        pytest.fail(str(exc))
+    try:
         yield server
     finally:
-        _stop(process)
+        server.stop()
         print(f"\nComfyUI timings: {json.dumps(server.timings, indent=1)}")
 
 

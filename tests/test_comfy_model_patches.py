@@ -136,7 +136,8 @@ def test_native_patches_on_comfyuis_own_unet_in_process(comfy):
 
 def test_patch_nodes_are_listed_under_sdaccel_model_patches(comfy):
     info = comfy.request("/object_info", timeout=120)
-    for node in ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel", "SDAccelCompileModel"):
+    for node in ("SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel", "SDAccelCompileModel",
+                 "SDAccelPrecisionModel", "SDAccelAttentionModel"):
         assert info[node]["category"] == "sdaccel/model_patches"
         assert info[node]["input"]["required"]["model"][0] == "MODEL" and info[node]["output"] == ["MODEL"]
 
@@ -268,6 +269,97 @@ def test_a_patch_the_model_cannot_take_fails_on_its_node_and_the_server_goes_on(
     assert run_latent(comfy, graph(lora=None)).isfinite().all()
 
 
+def native_bf16() -> bool:
+    from sdaccel.optim.run.capabilities import cpu_has_native
+
+    return cpu_has_native("bfloat16")
+
+
+def test_precision_half_gives_comfyuis_own_compute_dtype_image_and_channels_last_the_unpatched_one(comfy):
+    """bf16 weights converted once per run compute what ComfyUI's ModelComputeDtype bf16 computes by casting in
+    every call; channels-last alone is lossless; bypassed, the model is as before; each re-queue repeats itself."""
+    half = {"class_type": "SDAccelPrecisionModel", "inputs": {"dtype": "half", "channels_last": False}}
+    base = run_latent(comfy, graph(prefix="prec-base"))
+    ours = run_latent(comfy, graph(half, prefix="prec-half"))
+    said = log_lines(comfy, "SDAccel Precision (model)")
+    if native_bf16():
+        theirs = run_latent(comfy, graph({"class_type": "ModelComputeDtype", "inputs": {"dtype": "bf16"}},
+                                         prefix="prec-core"))
+        assert rel(ours, theirs) < 1e-6, rel(ours, theirs)  # the same numbers
+        assert 1e-4 < rel(ours, base) < 0.1  # bf16 changes the latent, slightly
+        assert any("weights bfloat16" in line for line in said), said
+    else:  # half keeps fp32 here, and says so
+        assert ours.equal(base) and any("no native half precision" in line for line in said), said
+    layout = {"class_type": "SDAccelPrecisionModel", "inputs": {"dtype": "fp32", "channels_last": True}}
+    assert rel(run_latent(comfy, graph(layout, prefix="prec-cl")), base) < 1e-5
+    assert any("channels-last:" in line for line in log_lines(comfy, "SDAccel Precision (model)"))
+    assert run_latent(comfy, graph(prefix="prec-bypassed")).equal(base)
+    assert run_latent(comfy, graph(half, prefix="prec-again")).equal(ours)
+
+
+def test_attention_pytorch_gives_the_unpatched_image_and_goes_away_when_bypassed(comfy):
+    base = run_latent(comfy, graph(prefix="attn-base"))  # ComfyUI's CPU default: sub-quadratic attention
+    patch = {"class_type": "SDAccelAttentionModel", "inputs": {"backend": "pytorch"}}
+    out = run_latent(comfy, graph(patch, prefix="attn"))
+    assert rel(out, base) < 1e-4 and not out.equal(base)  # another attention function, the same attention
+    said = log_lines(comfy, "SDAccel Attention (model)")
+    assert any(re.search(r"\b[1-9]\d* attention calls through ComfyUI's pytorch attention", line)
+               for line in said[-2:]), said
+    assert run_latent(comfy, graph(prefix="attn-bypassed")).equal(base)
+
+
+def write_tiny_sd3_dit(path: Path) -> Path:
+    """A diffusion-model file ComfyUI's own detection takes for SD3 (an MMDiT: joint blocks, patch embedder), at a
+    toy width: the keys and shapes its `detect_unet_config` reads, nothing more (the rest it leaves at zero)."""
+    import torch
+    from safetensors.torch import save_file
+
+    depth, hidden = 2, 128  # SD3 ties the width to the depth: 64 per block
+    tensors = {"x_embedder.proj.weight": torch.zeros(hidden, 16, 2, 2), "x_embedder.proj.bias": torch.zeros(hidden),
+               "pos_embed": torch.zeros(1, 64, hidden), "context_embedder.weight": torch.zeros(hidden, 32),
+               "context_embedder.bias": torch.zeros(hidden), "y_embedder.mlp.0.weight": torch.zeros(hidden, 32),
+               "final_layer.linear.weight": torch.zeros(2 * 2 * 16, hidden)}
+    for i in range(depth):
+        tensors[f"joint_blocks.{i}.context_block.attn.qkv.weight"] = torch.zeros(3 * hidden, hidden)
+        tensors[f"joint_blocks.{i}.x_block.attn.qkv.weight"] = torch.zeros(3 * hidden, hidden)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("patch", ["SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCompileModel",
+                                   "SDAccelPrecisionModel", "SDAccelAttentionModel"])
+def test_a_patch_on_a_dit_fails_on_its_node_with_a_clear_error_and_the_server_goes_on(comfy, patch):
+    """An SD3-style DiT from core UNETLoader has no LDM UNet: the patch node says so, and what to do."""
+    name = "sdaccel-test-tiny-sd3.safetensors"
+    if not (comfy.base / "models" / "diffusion_models" / name).exists():
+        write_tiny_sd3_dit(comfy.base / "models" / "diffusion_models" / name)
+    prompt = graph({"class_type": patch, "inputs": widget_defaults(comfy, patch)}, lora=None, prefix="dit")
+    prompt["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    prompt["6"]["inputs"]["model"] = ["10", 0]
+    comfy.request("/free", {"free_memory": True})
+    entry, _ = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_id"] == "6" and error["node_type"] == patch, error
+    message = error["exception_message"]
+    assert "input_blocks" in message and "bypass this node" in message, message
+    assert "(SD3)" in message and "mmdit" in message.lower(), message  # names what it was given
+    assert run_latent(comfy, graph(lora=None, prefix="after-dit")).isfinite().all()  # the server goes on
+
+
+def widget_defaults(comfy, node_type: str) -> dict:
+    """The node's widget values as ComfyUI's /object_info declares their defaults (a list's first choice)."""
+    required = comfy.request(f"/object_info/{node_type}")[node_type]["input"]["required"]
+    values = {}
+    for name, spec in required.items():
+        if isinstance(spec[0], list):
+            values[name] = spec[1].get("default", spec[0][0]) if len(spec) > 1 else spec[0][0]
+        elif spec[0] in ("INT", "FLOAT", "BOOLEAN", "STRING"):
+            values[name] = spec[1].get("default", "" if spec[0] == "STRING" else 0)
+    return values
+
+
 def test_interrupt_mid_run_removes_every_hook(comfy):
     base = run_latent(comfy, graph(lora=None, prefix="int-base"))
     comfy.request("/free", {"free_memory": True})
@@ -281,6 +373,41 @@ def test_interrupt_mid_run_removes_every_hook(comfy):
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
     # a hook left behind would put this unpatched run through Winograd: it must be the exact unpatched latent
     assert run_latent(comfy, graph(lora=None, prefix="int-after")).equal(base)
+
+
+def test_a_first_use_calibration_shows_itself_stops_on_interrupt_and_keeps_only_whole_shapes(comfy, tmp_path):
+    """Winograd's default (tile auto) measures each new convolution shape once: ComfyUI's Cancel stops it between
+    two candidates of one shape (not after the whole table), and nothing half-measured is kept."""
+    folder = tmp_path / "calibration"
+    auto = {"class_type": "SDAccelWinogradModel",
+            "inputs": {"tile": "auto", "fused_transforms": False, "filter_cache_mb": 0, "calibration_dir": str(folder)}}
+    big = graph(auto, lora=None, prefix="cal-int")
+    big["5"]["inputs"].update(width=512, height=512)  # seconds per shape at this size: the interrupt lands inside
+    comfy.request("/free", {"free_memory": True})
+    time.sleep(0.5)
+    start = len(comfy.log.read_text(errors="replace"))
+    prompt_id = comfy.queue(big)
+
+    def since_start() -> str:
+        return comfy.log.read_text(errors="replace")[start:]
+
+    deadline = time.monotonic() + 180
+    while "winograd: measuring" not in since_start() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    comfy.request("/interrupt", {})
+    entry = comfy.wait(prompt_id)
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    started, measured = since_start().count("winograd: measuring"), since_start().count("winograd: measured")
+    assert started >= 1 and measured < started, since_start()[-3000:]  # stopped inside a shape
+    kept = json.loads(next(folder.glob("winograd-*.json")).read_text())["shapes"] if folder.exists() else {}
+    assert len(kept) == measured  # the shape being measured when Cancel came is not in the table
+
+    base = run_latent(comfy, graph(lora=None, prefix="cal-base"))
+    out = run_latent(comfy, graph(auto, lora=None, prefix="cal-ok"))  # the next run measures and completes
+    assert rel(out, base) < 1e-4
+    said = [line for line in log_lines(comfy, "SDAccel Winograd (model)") if "new convolution shapes" in line]
+    assert said and re.search(r"measured [1-9]\d* new convolution shapes on this CPU", said[-1]), said
+    assert len(json.loads(next(folder.glob("winograd-*.json")).read_text())["shapes"]) > len(kept)
 
 
 # What the tests change in a shipped KSampler workflow: the size and steps, and one fixed Winograd tile (the

@@ -38,7 +38,7 @@ STABLE_IDS = ["SDAccelLoader", "SDAccelPrecision", "SDAccelAttention", "SDAccelC
               "SDAccelDeepCache", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload", "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
               "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
-              "SDAccelCompileModel"]
+              "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel"]
 
 
 def call(node_type: str, **inputs):

@@ -87,7 +87,7 @@ def _top_level_imports(path: Path) -> set[str]:
 
 def _graph() -> dict[str, set[str]]:
     files = [p for p in ROOT.glob("**/*.py") if ".venv" not in p.parts and "tests" not in p.parts
-             and p.relative_to(ROOT).parts[0] in ("optim", "kernels", "nodes")]
+             and p.relative_to(ROOT).parts[0] in ("optim", "cpukernels", "nodes")]
     modules = {_module_name(p): p for p in files}
     # a module's own parent packages are always imported before it: `from . import host` is not a circle
     return {name: {t for t in _top_level_imports(path) if t in modules and not name.startswith(t + ".")}

@@ -25,7 +25,7 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("folder", ["optim", "kernels"])
+@pytest.mark.parametrize("folder", ["optim", "cpukernels"])
 def test_engine_imports_no_host(folder):
     files = sorted((ROOT / folder).rglob("*.py"))
     if folder == "optim":
@@ -37,7 +37,7 @@ def test_engine_imports_no_host(folder):
 
 def test_inside_the_pack_imports_are_relative():
     for path in list((ROOT / "optim").rglob("*.py")) + list((ROOT / "nodes").rglob("*.py")) + [ROOT / "__init__.py"]:
-        bad = _imports(path) & {"optim", "nodes", "kernels", "webui", "sdaccel"}
+        bad = _imports(path) & {"optim", "nodes", "cpukernels", "kernels", "webui", "sdaccel"}
         assert not bad, f"{path.relative_to(ROOT)} uses an absolute import of the pack ({sorted(bad)})"
 
 
@@ -78,9 +78,20 @@ def test_kernels_import_torch_and_the_standard_library_only():
     import sys as _sys
 
     allowed = {"torch", "__future__"} | set(getattr(_sys, "stdlib_module_names", ()))
-    for path in sorted((ROOT / "kernels").rglob("*.py")):
+    for path in sorted((ROOT / "cpukernels").rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level > 1:
-                raise AssertionError(f"{path.name} reaches outside kernels/ ({'.' * node.level}{node.module})")
+                raise AssertionError(f"{path.name} reaches outside cpukernels/ ({'.' * node.level}{node.module})")
         assert _imports(path) <= allowed, f"{path.name}: {sorted(_imports(path) - allowed)}"
+
+
+def test_no_top_level_folder_of_the_checkout_shadows_an_installed_package():
+    """`python -m pytest` (or any `python -m`) run in the checkout puts it first on sys.path: a folder there named
+    like an installed package is imported in that package's place (transformers 5.25 imports Hugging Face's
+    `kernels`, which a folder of ours named so once hid, breaking every diffusers import)."""
+    from importlib.metadata import packages_distributions
+
+    ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in ROOT.glob("*.py")}
+    clashes = {name: packages_distributions()[name] for name in ours if name in packages_distributions()}
+    assert not clashes, f"top-level names of the checkout that installed distributions also provide: {clashes}"

@@ -281,3 +281,13 @@ def test_concurrent_runs_on_one_cache_each_get_the_images_of_their_own_spec():
     for name, images in results:
         assert torch.equal(images, alone[name]), name
     assert len(shared) <= 1
+
+
+def test_a_half_precision_unet_takes_full_precision_text_embeddings(cache):
+    """UNet in bf16, text encoder in fp32 (the default beside `unet=half`): the conditioning follows the UNet."""
+    from sdaccel.optim.units.precision.config import PrecisionConfig
+
+    spec = _spec("sd15").with_optimization(PrecisionConfig(unet="bf16", text_encoder="fp32", allow_emulated=True))
+    result = run(spec, BASE.with_(steps=2), cache=cache)
+    assert result.stats.dtypes["unet"] == "bfloat16" and result.stats.dtypes["text_encoder"] == "float32"
+    assert torch.isfinite(result.images_tensor).all()

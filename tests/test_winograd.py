@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from sdaccel.kernels.adapter import FilterCache, WinogradConv2d, patch_convs
-from sdaccel.kernels.calibrate import MARGIN, MEASUREMENT, Calibration, best_choice
-from sdaccel.kernels.winograd import (
+from sdaccel.cpukernels.adapter import FilterCache, WinogradConv2d, patch_convs
+from sdaccel.cpukernels.calibrate import MARGIN, MEASUREMENT, Calibration, best_choice
+from sdaccel.cpukernels.winograd import (
     filter_transform,
     input_transform,
     input_transform_reference,
@@ -95,7 +95,7 @@ class _HostConv(torch.nn.Conv2d):
 
 
 def test_hooks_run_a_hosts_conv_subclasses_and_leave_the_module_tree_and_forwards_as_they_were():
-    from sdaccel.kernels.adapter import hook_convs
+    from sdaccel.cpukernels.adapter import hook_convs
 
     net = torch.nn.Sequential(_HostConv(3, 8, 3, padding=1), torch.nn.SiLU(), _HostConv(8, 8, 3, padding=1),
                               torch.nn.Conv2d(8, 8, 3, stride=2))
@@ -129,7 +129,7 @@ def test_hooks_run_a_hosts_conv_subclasses_and_leave_the_module_tree_and_forward
 
 
 def test_hook_filters_follow_a_replaced_weight_and_a_hosts_per_call_cast():
-    from sdaccel.kernels.adapter import hook_convs
+    from sdaccel.cpukernels.adapter import hook_convs
 
     conv = _HostConv(4, 6, 3, padding=1)
     casts = []
@@ -165,7 +165,7 @@ def test_hook_filters_follow_a_replaced_weight_and_a_hosts_per_call_cast():
 
 
 def test_a_hook_on_a_convolution_winograd_cannot_compute_is_refused():
-    from sdaccel.kernels.adapter import WinogradHook
+    from sdaccel.cpukernels.adapter import WinogradHook
 
     with pytest.raises(ValueError, match="3x3 stride-1"):
         WinogradHook(torch.nn.Conv2d(4, 4, 3, stride=2), _always(4), FilterCache(2**30))
@@ -247,6 +247,71 @@ def test_a_failed_calibration_save_keeps_the_old_table_and_no_partial_file(tmp_p
     assert sorted(p.name for p in calib.folder.iterdir()) == [calib.path.name]
 
 
+def test_the_staged_search_measures_every_tile_but_only_the_fastest_tiles_bands():
+    from sdaccel.cpukernels.calibrate import measure_shape, parse_candidate
+
+    seen = []
+    timings = measure_shape(1, 8, 8, 24, 24, 1, tiles=(2, 4), bands=(0, 1, 2, 4), repeats=2,
+                            progress=lambda done, total: seen.append((done, total)))
+    tiled = {parse_candidate(name) for name in timings} - {None}
+    assert {(2, 0), (4, 0)} <= tiled and "conv2d" in timings
+    banded = {m for m, band in tiled if band}
+    assert len(banded) == 1  # the bands of one tile: the faster on the whole map
+    assert len(tiled) == 2 + 3 < 2 * 4  # not every tile with every band
+    assert [done for done, _ in seen] == list(range(len(timings))) + [len(timings)]
+    assert seen[-1][0] == seen[-1][1]  # the last call says it is done
+
+
+def test_an_interrupt_during_calibration_stops_it_and_keeps_nothing_half_measured(tmp_path):
+    calib = Calibration(tmp_path, repeats=1)
+    calib.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))
+    before = calib.path.read_bytes()
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def interrupt_at_the_third_candidate(done, total):
+        calls.append(done)
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        calib.timings(1, 8, 16, 12, 12, 1, torch.float32, torch.device("cpu"),
+                      progress=interrupt_at_the_third_candidate)
+    assert calls == [0, 1, 2]  # stopped between two candidates, not at the end of the shape
+    assert calib.path.read_bytes() == before and len(calib.table) == 1 and calib.measured_shapes == 1
+    assert not calib.known(1, 8, 16, 12, 12, 1, torch.float32, torch.device("cpu"))
+    calib.timings(1, 8, 16, 12, 12, 1, torch.float32, torch.device("cpu"))  # the next use measures it whole
+    assert calib.known(1, 8, 16, 12, 12, 1, torch.float32, torch.device("cpu")) and len(calib.table) == 2
+
+
+def test_a_first_use_calibration_is_shown_and_interruptible_inside_the_step(cache, tmp_path):
+    """The engine's sampler polls its interrupt during a unit's long first-use work, not only between steps."""
+    from sdaccel.optim.run.sampler import run
+    from sdaccel.optim.spec.errors import GenerationInterrupted
+    from sdaccel.optim.spec.model_ref import ModelRef
+    from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+    from sdaccel.optim.units.winograd.unit import WinogradConfig
+
+    cfg = WinogradConfig(vae=False, fused_transforms=False, calibration_dir=str(tmp_path))
+    spec = PipelineSpec(model=ModelRef.synthetic("sd15", tiny=True), device="cpu").with_optimization(cfg)
+    req = GenerationRequest(prompt="a barn", width=64, height=64, steps=2, seed=3)
+    polls = []
+
+    def stop_at_the_third_poll():  # the first poll is before step 1; the next ones come from the calibration
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(GenerationInterrupted) as err:
+        run(spec, req, cache=cache, should_interrupt=stop_at_the_third_poll, progress=lambda i, n: polls.append(0))
+    assert err.value.step == 0 and 0 not in polls  # inside the first step, before it ended
+    table = Calibration(tmp_path).table
+    done = run(spec, req, cache=cache)  # the next run measures what is left and completes
+    assert done.stats.counters["winograd_calibrated_shapes"] >= 1
+    assert len(Calibration(tmp_path).table) == len(table) + done.stats.counters["winograd_calibrated_shapes"]
+
+
 def test_unit_on_a_tiny_pipeline_is_exact_to_rounding_and_reports_calls(cache, tmp_path):
     from sdaccel.optim.run.sampler import run
     from sdaccel.optim.spec.model_ref import ModelRef
@@ -314,7 +379,7 @@ def test_winograd_bench_reports_every_shape(tmp_path):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_channels_last_in_channels_last_out_and_onednn_products_match(m):
-    from sdaccel.kernels.winograd import mkldnn_linear_available, pack_filters
+    from sdaccel.cpukernels.winograd import mkldnn_linear_available, pack_filters
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 24, 14, 10, generator=g)
@@ -335,7 +400,7 @@ def test_channels_last_in_channels_last_out_and_onednn_products_match(m):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_a_reused_workspace_gives_the_same_results_in_both_modes_and_layouts(m):
-    from sdaccel.kernels.winograd import Workspace, pack_filters
+    from sdaccel.cpukernels.winograd import Workspace, pack_filters
 
     g = torch.Generator().manual_seed(9)
     ws = Workspace()
@@ -358,7 +423,7 @@ def test_a_reused_workspace_gives_the_same_results_in_both_modes_and_layouts(m):
 
 
 def test_training_stays_on_conv2d_and_restore_releases_the_workspaces():
-    from sdaccel.kernels.winograd import workspace_bytes
+    from sdaccel.cpukernels.winograd import workspace_bytes
 
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1))
     patched = patch_convs(net, _always(2), FilterCache(2**30))
@@ -373,7 +438,7 @@ def test_training_stays_on_conv2d_and_restore_releases_the_workspaces():
 
 
 def _fused_or_skip():
-    from sdaccel.kernels.fused import fused_transforms_work
+    from sdaccel.cpukernels.fused import fused_transforms_work
 
     if not fused_transforms_work():
         pytest.skip("the compiled Winograd transforms need a working C++ compiler (torch.compile/inductor); "
@@ -403,7 +468,7 @@ def test_compiled_transforms_match_conv2d_and_the_eager_path_in_both_layouts(m):
 
 def test_a_failing_compiler_falls_back_to_the_eager_transforms(monkeypatch, caplog):
     """The compiler is the external edge: when it breaks at run time the layer still computes, and says so once."""
-    from sdaccel.kernels import fused
+    from sdaccel.cpukernels import fused
 
     monkeypatch.setattr(fused, "_STATE", {"ok": True})  # as if the probe had passed; restored after the test
 
@@ -413,7 +478,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_transforms(monkeypatch, capl
     monkeypatch.setattr(fused, "compiled_input_band", broken)
     x = torch.randn(1, 6, 10, 10)
     weight = torch.randn(4, 6, 3, 3) / 7
-    with caplog.at_level("WARNING", logger="sdaccel.kernels.fused"):
+    with caplog.at_level("WARNING", logger="sdaccel.cpukernels.fused"):
         out = winograd_conv2d(x, filter_transform(weight, 4), None, m=4, padding=1, fused=True)
         again = winograd_conv2d(x, filter_transform(weight, 4), None, m=4, padding=1, fused=True)
     ref = F.conv2d(x, weight, padding=1)
@@ -424,7 +489,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_transforms(monkeypatch, capl
 
 
 def test_calibration_keeps_layouts_and_transform_engines_apart(tmp_path):
-    from sdaccel.kernels.calibrate import shape_key
+    from sdaccel.cpukernels.calibrate import shape_key
 
     keys = {shape_key(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"), channels_last=cl, fused=fu)
             for cl in (False, True) for fu in (False, True)}

@@ -219,6 +219,13 @@ def write_chart(report: dict, path) -> Path:
     ax1.invert_yaxis()
     s = report["settings"]
     fig.suptitle(f"SDAccel bench: {s['family']} {s['size']}x{s['size']}, {s['steps']} steps, {report['device']}")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure atomically (a crash leaves no half-written PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     try:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def collect_shapes(module: torch.nn.Module, call: Callable[[], object]) -> Counter:
     """(n, c, k, h, w, pad) -> how many times an eligible 3x3 convolution ran with it during `call()`."""
-    from ...kernels.winograd import conv_padding, is_eligible
+    from ...cpukernels.winograd import conv_padding, is_eligible
 
     seen: Counter = Counter()
     hooks = []
@@ -45,7 +45,7 @@ def collect_shapes(module: torch.nn.Module, call: Callable[[], object]) -> Count
 
 def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, channels_last: bool = False) -> float:
     """max |winograd - conv2d| / max |conv2d| on random data for one shape and tile, run as the unit runs it."""
-    from ...kernels.winograd import filter_transform, pack_filters, winograd_conv2d
+    from ...cpukernels.winograd import filter_transform, pack_filters, winograd_conv2d
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
@@ -71,7 +71,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _shape_rows(shapes: Counter, calibration, section: str, channels_last: bool = False) -> list[dict]:
-    from ...kernels.calibrate import best_choice, parse_candidate
+    from ...cpukernels.calibrate import best_choice, parse_candidate
 
     rows = []
     for (n, c, k, h, w, pad), count in sorted(shapes.items(), key=lambda kv: (-kv[0][3], kv[0][1])):
@@ -109,8 +109,8 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
     `modules` limits the run to "unet" or "vae_decoder" (SDXL's UNet and VAE at 1024x1024 do not both fit in
     24 GB of RAM next to the calibration's buffers).
     """
-    from ...kernels.calibrate import Calibration
-    from ...kernels.fused import fused_transforms_work
+    from ...cpukernels.calibrate import Calibration
+    from ...cpukernels.fused import fused_transforms_work
     from ..core.registry import ApplyContext, apply_all, remove_all
     from ..models.families import get_family
     from ..run.allocator import keep_freed_memory

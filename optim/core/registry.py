@@ -34,7 +34,8 @@ class RunContext:
     """What run-scoped effects see during one run; the sampler updates `step` and announces stages.
 
     Units add to `notes` (shown in RunStats) and `counters` (e.g. skipped block calls), and may
-    register `stage_listeners(event, stage)` called with ("start" | "end", "text_encode" | ...).
+    register `stage_listeners(event, stage)` called with ("start" | "end", "text_encode" | ...). The caller
+    registers `busy_listeners(what, done, total)` to show, and interrupt, long work a unit does inside a step.
     """
 
     pipe: object
@@ -47,6 +48,13 @@ class RunContext:
     notes: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     stage_listeners: list = field(default_factory=list)
+    busy_listeners: list = field(default_factory=list)
+
+    def busy(self, what: str, done: int, total: int) -> None:
+        """Long one-time work inside a step (a first-use calibration): every listener hears how far it is, and
+        may raise (an interrupt) to stop it there."""
+        for listener in self.busy_listeners:
+            listener(what, done, total)
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount

@@ -21,8 +21,10 @@ def find_ldm_unet(model: torch.nn.Module, option: str) -> torch.nn.Module:
         if candidate is not None and is_ldm_unet(candidate):
             return candidate
     inner = getattr(model, "diffusion_model", model)
+    family = getattr(model, "model_config", None)  # the family the host detected, where it keeps one
+    named = f" ({type(family).__name__})" if family is not None else ""
     raise UnavailableError(option, f"it works on UNets in the SD/SDXL layout (input_blocks, middle_block, "
-                           f"output_blocks) and this model's diffusion model is a {type(inner).__name__}",
+                           f"output_blocks) and this model's diffusion model is a {type(inner).__name__}{named}",
                            "use it with SD 1.x, SD 2.x or SDXL models, or bypass this node")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ...kernels.adapter import FilterCache, HookedConvs, Weights, hook_convs, own_weights
+from ...cpukernels.adapter import FilterCache, HookedConvs, Weights, hook_convs, own_weights
 from ..core.registry import RunContext
 from ..units.winograd.config import WinogradConfig
 from ..units.winograd.unit import WinogradPlanner, default_filter_budget_mb

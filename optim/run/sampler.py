@@ -172,6 +172,15 @@ def _noise(shape, generators, device, dtype=torch.float32) -> torch.Tensor:
                                                                                                       dtype)
 
 
+def _in_dtype(cond, dtype):
+    """The conditioning (nested dicts of tensors) with its floating tensors in `dtype`."""
+    if isinstance(cond, dict):
+        return {key: _in_dtype(value, dtype) for key, value in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.is_floating_point():
+        return cond.to(dtype)
+    return cond
+
+
 def _encode_prompts(pipe, fam: Family, plan: _Plan, do_cfg: bool, device) -> dict:
     """Text embeddings (and SDXL pooled embeddings / time ids) ordered [negative, positive] under CFG."""
     negative = plan.negative or None
@@ -415,27 +424,37 @@ class _Job:
         """Steps `first .. first+len(timesteps)-1` of `total`, on this job's UNet."""
         plan, run = self.plan, self.run
         guided_until = run.cfg_steps
-        uncond_free = _conditional_half(cond, plan.batch) if self.do_cfg and guided_until < total else cond
         unet = self.pipe.unet
         unet_dtype = unet.dtype
-        with self.stage(stage):
-            for offset, t in enumerate(timesteps):
-                i = first + offset
-                if should_interrupt is not None and should_interrupt():
-                    raise GenerationInterrupted(i, total)
-                run.step = i
-                guided = i < guided_until
-                model_in = torch.cat([latents] * 2) if guided else latents
-                model_in = scheduler.scale_model_input(model_in, t)
-                step_cond = cond if guided or not self.do_cfg else uncond_free
-                noise_pred = unet(model_in.to(unet_dtype), t, return_dict=False, **step_cond)[0].float()
-                if guided:
-                    uncond, text = noise_pred.chunk(2)
-                    noise_pred = uncond + plan.cfg * (text - uncond)
-                latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
-                self.stats.steps_run = i + 1
-                if progress is not None:
-                    progress(i + 1, total)
+        cond = _in_dtype(cond, unet_dtype)  # the text encoders may run in another precision than the UNet
+        uncond_free = _conditional_half(cond, plan.batch) if self.do_cfg and guided_until < total else cond
+
+        def busy(what: str, done: int, of: int) -> None:  # a unit's first-use work inside a step: interruptible
+            if should_interrupt is not None and should_interrupt():
+                raise GenerationInterrupted(run.step, total)
+
+        run.busy_listeners.append(busy)
+        try:
+            with self.stage(stage):
+                for offset, t in enumerate(timesteps):
+                    i = first + offset
+                    if should_interrupt is not None and should_interrupt():
+                        raise GenerationInterrupted(i, total)
+                    run.step = i
+                    guided = i < guided_until
+                    model_in = torch.cat([latents] * 2) if guided else latents
+                    model_in = scheduler.scale_model_input(model_in, t)
+                    step_cond = cond if guided or not self.do_cfg else uncond_free
+                    noise_pred = unet(model_in.to(unet_dtype), t, return_dict=False, **step_cond)[0].float()
+                    if guided:
+                        uncond, text = noise_pred.chunk(2)
+                        noise_pred = uncond + plan.cfg * (text - uncond)
+                    latents = scheduler.step(noise_pred, t, latents, generator=generators, return_dict=False)[0]
+                    self.stats.steps_run = i + 1
+                    if progress is not None:
+                        progress(i + 1, total)
+        finally:
+            run.busy_listeners.remove(busy)
         return latents
 
     def decode(self, latents):

@@ -3,9 +3,9 @@
 The headline technique of the optimized stable-diffusion.cpp (arXiv 2412.05781), done in PyTorch:
 fewer multiplications per output (F(2,3): 2.25x, F(4,3): 4x, F(6,3): 5.1x fewer) where oneDNN's
 direct convolution is already at the CPU's peak. Which algorithm runs is measured per convolution
-shape and memory layout on this machine once and kept on disk (see kernels/calibrate.py): a layer
+shape and memory layout on this machine once and kept on disk (see cpukernels/calibrate.py): a layer
 switches to Winograd only where it is measurably faster, so no layer gets slower. The transforms run
-compiled where a C++ compiler works (kernels/fused.py), eager otherwise. Outputs match F.conv2d to
+compiled where a C++ compiler works (cpukernels/fused.py), eager otherwise. Outputs match F.conv2d to
 fp32 rounding (about 1e-6 relative for F(2,3), 3e-5 for F(4,3)/F(6,3)); half precision stays on
 F.conv2d, and a model compiled by the compile unit runs its own convolutions.
 """
@@ -38,20 +38,20 @@ class WinogradPlanner:
     @property
     def fused(self) -> bool:
         """Whether the compiled transforms run (asked for, and they build here): decided at the first call."""
-        from ....kernels.fused import fused_transforms_work
+        from ....cpukernels.fused import fused_transforms_work
 
         return self.cfg.fused_transforms and fused_transforms_work()
 
     @property
     def calibration(self):
         if self._calibration is None:
-            from ....kernels.calibrate import Calibration
+            from ....cpukernels.calibrate import Calibration
 
             self._calibration = Calibration(self.calibration_dir, fused=self.fused)
         return self._calibration
 
     def __call__(self, layer, x: torch.Tensor):
-        from ....kernels.winograd import is_channels_last
+        from ....cpukernels.winograd import is_channels_last
 
         channels_last = is_channels_last(x)
         key = (id(layer), tuple(x.shape), x.dtype, x.device, channels_last)
@@ -70,11 +70,24 @@ class WinogradPlanner:
             m = int(self.cfg.tile[1:])
             return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
         n, c, h, w = shape
-        before = self.calibration.measured_s
-        timings = self.calibration.timings(n, c, layer.out_channels, h, w, layer.pad, dtype, device, channels_last)
-        if self.run is not None and self.calibration.measured_s > before:
-            self.run.count("winograd_calibration_s", round(self.calibration.measured_s - before, 3))
-        from ....kernels.calibrate import ranked_choices
+        calibration, k = self.calibration, layer.out_channels
+        progress = None
+        if not calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last):
+            what = (f"measuring Winograd on this CPU for N{n} C{c}->K{k} {h}x{w}"
+                    f"{' channels-last' if channels_last else ''} (first use of this shape; kept for next time)")
+            log.info("winograd: %s", what)
+            run = self.run
+
+            def progress(done: int, total: int) -> None:
+                if run is not None:
+                    run.busy(what, done, total)
+
+        before = calibration.measured_s
+        timings = calibration.timings(n, c, k, h, w, layer.pad, dtype, device, channels_last, progress=progress)
+        if self.run is not None and calibration.measured_s > before:
+            self.run.count("winograd_calibration_s", round(calibration.measured_s - before, 3))
+            self.run.count("winograd_calibrated_shapes")
+        from ....cpukernels.calibrate import ranked_choices
 
         # fastest first; a tile whose filters find no room in the budget falls to the next candidate
         for kind, m, band in ranked_choices(timings):
@@ -107,7 +120,7 @@ class Winograd(Unit):
                                    "cuDNN/MPS; this kernel is for CPUs", "leave it off on a GPU")
 
     def _apply(self, pipe, cfg: WinogradConfig, ctx: ApplyContext, patch) -> None:
-        from ....kernels.adapter import FilterCache, patch_convs
+        from ....cpukernels.adapter import FilterCache, patch_convs
 
         planner = WinogradPlanner(cfg, cfg.calibration_dir or None)
         cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)  # shared by every module

@@ -27,7 +27,7 @@ from .winograd import (
 
 # What to run for an input: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
 # A planner is called as planner(layer, x) for the input tensor x; one with a true `fused` attribute has
-# chosen with the compiled transforms (kernels/fused.py), which the layer then runs.
+# chosen with the compiled transforms (cpukernels/fused.py), which the layer then runs.
 Choice = tuple[str, int, int]
 Planner = Callable[["WinogradConv2d", torch.Tensor], Choice]
 

@@ -8,7 +8,7 @@ computed from an (m+2) x (m+2) input tile with (m+2)^2 multiplications instead o
 The element-wise products over all tiles become one GEMM per tile position, summing over input
 channels, so the heavy work runs in the BLAS at full speed with 2.25x (F(2,3)) or 4x (F(4,3))
 fewer multiplications (5.06x for F(6,3)). Here the transforms are eager PyTorch: a gather of the
-strided tile positions and one GEMM with the Kronecker form of the transform matrix; kernels/fused.py
+strided tile positions and one GEMM with the Kronecker form of the transform matrix; cpukernels/fused.py
 has the same transforms compiled, which `winograd_conv2d(fused=True)` runs. Pure functions over torch
 tensors; only the scratch workspaces keep buffers between calls.
 """
@@ -275,7 +275,7 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     isolation but lost it all (SD1.5 UNet step 1.19x -> 1.05x) inside a whole model, where the pool
     fights OpenMP's spinning workers. `packed` (from `pack_filters`) runs the products through oneDNN.
     `workspace` reuses the scratch buffers (see `Workspace`). `fused` runs the transforms compiled
-    (kernels/fused.py; check `fused_transforms_work()` first). A channels-last input gives a
+    (cpukernels/fused.py; check `fused_transforms_work()` first). A channels-last input gives a
     channels-last output.
     """
     n, c, h, w = x.shape

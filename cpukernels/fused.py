@@ -8,7 +8,7 @@ of the input once and writes the result once, with the separable sums unrolled: 
 (C128 at 512x512: 79 ms -> 19 ms per layer for the input transform on a 2-core CPU).
 
 Compiling needs a working C++ compiler (inductor's CPU backend). `fused_transforms_work()` tries
-once per process; where it fails, callers use the eager transforms (kernels/winograd.py) and say so.
+once per process; where it fails, callers use the eager transforms (cpukernels/winograd.py) and say so.
 Shapes are compiled dynamically: one compilation per tile size and memory layout, about 20 s the
 first time on a 2-core CPU, then reused (and kept in inductor's on-disk cache between runs).
 """
