@@ -40,7 +40,7 @@ def test_bench_times_the_patches_in_the_real_host_and_compares_their_images(tmp_
         assert len(row["runs_s"]) == 2 and all(t > 0 for t in row["runs_s"]) and len(row["warmup_s"]) == 1
         assert row["min_s"] <= row["median_s"] <= row["max_s"]
     assert rows["baseline"]["speedup"] == 1.0 and rows["baseline"]["psnr_db"] is None
-    assert rows["cfg-cutoff"]["psnr_db"] is not None and rows["cfg-cutoff"]["ssim"] < 1.0  # it changes the image
+    assert rows["cfg-cutoff"]["psnr_db"] is not None and rows["cfg-cutoff"]["psnr_db"] < 100  # a change, not rounding
     assert rows["channels-last"]["identical_to_baseline"] or rows["channels-last"]["psnr_db"] > 60  # lossless
     log = (tmp_path / "host" / "server.log").read_text(errors="replace")
     assert "SDAccel CFG Cutoff (model):" in log and "SDAccel Precision (model):" in log  # the patches ran
