@@ -33,6 +33,11 @@ def _comfy(name: str):
     return importlib.import_module(name)
 
 
+def _prompt_server():
+    """ComfyUI's running PromptServer (None outside a server, e.g. in-process checks)."""
+    return getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+
+
 def comfy_conv_weights(conv, x):
     """The weight and bias ComfyUI's own Conv2d uses for this call (`comfy.ops.cast_bias_weight`: cast to the
     input's dtype and device), or None where ComfyUI makes them per call itself (a LoRA applied through weight
@@ -72,7 +77,7 @@ class RunReport:
         lines = lines + self.context.notes + [f"{seconds / steps:.2f} s per step over {steps} steps"]
         for line in lines:
             log.info("%s: %s", self.title, line)
-        server = getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+        server = _prompt_server()
         if server is not None and self.node_id is not None:
             server.send_sync(STATS_EVENT, {"node": self.node_id, "title": self.title, "lines": lines,
                                            "counters": dict(self.context.counters)}, server.client_id)
@@ -89,7 +94,7 @@ def show_busy(node_id: str | None):
         if what not in shown:
             shown.clear()
             shown[what] = utils.ProgressBar(total, node_id=node_id)
-            server = getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+            server = _prompt_server()
             if server is not None and node_id is not None:
                 server.send_progress_text(what, node_id)
         shown[what].update_absolute(done, total)

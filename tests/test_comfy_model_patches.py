@@ -334,6 +334,8 @@ def test_a_patch_on_a_dit_fails_on_its_node_with_a_clear_error_and_the_server_go
     name = "sdaccel-test-tiny-sd3.safetensors"
     if not (comfy.base / "models" / "diffusion_models" / name).exists():
         write_tiny_sd3_dit(comfy.base / "models" / "diffusion_models" / name)
+    from sdaccel.optim.bench.comfyui import widget_defaults
+
     prompt = graph({"class_type": patch, "inputs": widget_defaults(comfy, patch)}, lora=None, prefix="dit")
     prompt["10"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
     prompt["6"]["inputs"]["model"] = ["10", 0]
@@ -346,18 +348,6 @@ def test_a_patch_on_a_dit_fails_on_its_node_with_a_clear_error_and_the_server_go
     assert "input_blocks" in message and "bypass this node" in message, message
     assert "(SD3)" in message and "mmdit" in message.lower(), message  # names what it was given
     assert run_latent(comfy, graph(lora=None, prefix="after-dit")).isfinite().all()  # the server goes on
-
-
-def widget_defaults(comfy, node_type: str) -> dict:
-    """The node's widget values as ComfyUI's /object_info declares their defaults (a list's first choice)."""
-    required = comfy.request(f"/object_info/{node_type}")[node_type]["input"]["required"]
-    values = {}
-    for name, spec in required.items():
-        if isinstance(spec[0], list):
-            values[name] = spec[1].get("default", spec[0][0]) if len(spec) > 1 else spec[0][0]
-        elif spec[0] in ("INT", "FLOAT", "BOOLEAN", "STRING"):
-            values[name] = spec[1].get("default", "" if spec[0] == "STRING" else 0)
-    return values
 
 
 def test_interrupt_mid_run_removes_every_hook(comfy):

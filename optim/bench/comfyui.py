@@ -85,7 +85,7 @@ class ComfyBenchSettings:
 MODELS = ("sd15", "sd15-shallow")
 
 
-def _widget_defaults(server, node_type: str) -> dict:
+def widget_defaults(server, node_type: str) -> dict:
     """The node's widgets at the defaults ComfyUI's /object_info declares."""
     required = server.request(f"/object_info/{node_type}")[node_type]["input"]["required"]
     values = {}
@@ -109,7 +109,7 @@ def ksampler_prompt(server, variant: Variant, *, size: int, steps: int, cfg: flo
     for i, (node_type, values) in enumerate(variant.patches):
         node = str(20 + i)
         prompt[node] = {"class_type": node_type,
-                        "inputs": {**_widget_defaults(server, node_type), **values, "model": model}}
+                        "inputs": {**widget_defaults(server, node_type), **values, "model": model}}
         model = [node, 0]
     prompt["7"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
