@@ -237,6 +237,14 @@ _SET_WIDGETS = """([id, values]) => {
     widget.value = value;
   }
 }"""
+# True once the sampler's badge has lines (the extension sets node.sdaccelBadge while it draws the node)
+_BADGE_DRAWN = """(id) => {
+  const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
+  canvas.centerOnNode(node);
+  canvas.draw(true, true);
+  return node.sdaccelBadge?.lines?.length > 0;
+}"""
+
 # Redraw the canvas, recording every fillText call, and read back the pixels under the badge
 _DRAW_AND_READ = """(id) => {
   const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
@@ -248,8 +256,10 @@ _DRAW_AND_READ = """(id) => {
   try { canvas.draw(true, true); } finally { ctx.fillText = fillText; }
   const scale = canvas.ds.scale, [ox, oy] = canvas.ds.offset, ratio = window.devicePixelRatio || 1;
   const x = Math.round((node.pos[0] + ox) * scale * ratio), w = Math.round(node.size[0] * scale * ratio);
-  const y = Math.round((node.pos[1] + node.size[1] + 6 + oy) * scale * ratio);
-  const h = Math.round((node.sdaccelStatsLines.length * 15 + 8) * scale * ratio);
+  const badge = node.sdaccelBadge;  // set by the extension while it draws: its lines and box in node space
+  if (!badge) return {drawn, lines: null};
+  const y = Math.round((node.pos[1] + badge.y + oy) * scale * ratio);
+  const h = Math.round(badge.height * scale * ratio);
   const pixels = ctx.getImageData(x, y, w, h).data;
   let text = 0, panel = 0;
   for (let i = 0; i < pixels.length; i += 4) {
@@ -257,7 +267,7 @@ _DRAW_AND_READ = """(id) => {
     if (g > 150 && g > r + 30 && g > b + 20) text++;         // the badge's green text (#9fe0a8)
     else if (r < 45 && g < 45 && b < 55) panel++;             // its dark panel
   }
-  return {drawn, lines: node.sdaccelStatsLines, text, panel, area: w * h,
+  return {drawn, lines: badge.lines, wrapped: badge.drawn, text, panel, area: w * h,
           box: {x: x / ratio, y: y / ratio, width: w / ratio, height: h / ratio}};
 }"""
 
@@ -271,12 +281,11 @@ def test_stats_badge_is_drawn_on_the_sampler_in_comfyuis_page(comfy, frontend, t
     page.evaluate(_SET_WIDGETS, [sampler, {"width": TEST_SIZE, "height": TEST_SIZE, "steps": TEST_STEPS,
                                            "seed": 1234}])
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    page.wait_for_function(f"() => window.app.graph.getNodeById({sampler}).sdaccelStatsLines?.length > 0",
-                           timeout=comfy_host.RUN_TIMEOUT_S * 1000)
+    page.wait_for_function(_BADGE_DRAWN, arg=sampler, timeout=comfy_host.RUN_TIMEOUT_S * 1000, polling=500)
     seen = page.evaluate(_DRAW_AND_READ, sampler)
     assert seen["lines"] and any("it/s" in line for line in seen["lines"]), seen["lines"]
     assert any(line.startswith("toggles: ") and "channels_last" in line for line in seen["lines"]), seen["lines"]
-    assert all(line in seen["drawn"] for line in seen["lines"]), (seen["lines"], seen["drawn"][:40])
+    assert all(line in seen["drawn"] for line in seen["wrapped"]), (seen["wrapped"], seen["drawn"][:40])
     assert seen["text"] > 50 and seen["panel"] > seen["area"] // 4, seen  # painted, not only computed
     shot = tmp_path / "comfyui-stats-badge.png"
     page.screenshot(path=str(shot))
