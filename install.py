@@ -1,15 +1,54 @@
-"""A1111 runs this once when the extension is installed: install what the engine needs."""
+"""A1111/Forge run this when the extension is installed or updated: install what SDAccel needs, keeping the
+host's pins.
 
+A requirement that is missing is installed; one the host already has in an older version is never upgraded
+(A1111 pins transformers 4.30 and a hub below 1.0, Forge diffusers 0.31 and accelerate 0.31): SDAccel says so
+in one line and, at start-up, disables only what needs the newer version (extension/requirements.py).
+"""
+
+from importlib import metadata
 from pathlib import Path
 
-import launch  # provided by the A1111 WebUI
+import launch  # provided by the A1111/Forge launcher
 
 _REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 
-for line in _REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+
+def _parse(line: str):
     requirement = line.split("#", 1)[0].strip()
     if not requirement:
+        return None
+    name, _, minimum = requirement.partition(">=")
+    return requirement, name.strip(), minimum.strip()
+
+
+def _older(found: str, minimum: str) -> bool:
+    def key(text):
+        return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in text.split(".")[:3])
+
+    return bool(minimum) and key(found) < key(minimum)
+
+
+kept, missing, pins = [], [], []
+for line in _REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+    parsed = _parse(line)
+    if parsed is None:
         continue
-    name = requirement.split(">=")[0].split("==")[0].strip()
-    if not launch.is_installed(name.replace("-", "_")):
-        launch.run_pip(f"install \"{requirement}\"", f"SDAccel requirement: {requirement}")
+    requirement, name, minimum = parsed
+    try:
+        found = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        missing.append(requirement)
+        continue
+    pins.append(f"{name}=={found}")  # what the host has stays as it is, also for what gets installed
+    if _older(found, minimum):
+        kept.append(f"{name} {found} (SDAccel wants >= {minimum})")
+if missing:
+    try:
+        pins.append(f"torch=={metadata.version('torch')}")
+    except metadata.PackageNotFoundError:
+        pass
+    quoted = " ".join(f'"{r}"' for r in missing + pins)
+    launch.run_pip(f"install {quoted}", f"SDAccel requirements: {', '.join(missing)}")
+if kept:
+    print("SDAccel: keeping this host's " + ", ".join(kept) + "; what needs the newer version is disabled")

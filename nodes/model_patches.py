@@ -151,9 +151,10 @@ class SDAccelWinogradModel(_ModelPatch):
     DESCRIPTION = ("Winograd convolution on the diffusion model's 3x3 convolutions: fewer multiplications on a CPU, "
                    "the same image to fp32 rounding. The transformed filters follow the weights ComfyUI uses for "
                    "the run (LoRAs included) and are kept while those weights stay. The first use of each new "
-                   "image size measures its convolution shapes on this CPU (about 40 s at 512x512 on 2 cores, shown "
-                   "on this node, stopped by Cancel) and keeps the result. CPU only; on a GPU the model samples "
-                   "unchanged.")
+                   "image size measures its convolution shapes on this CPU (a minute or two at 512x512 on 2 "
+                   "cores, shown on this node, stopped by Cancel) and keeps the result. Pays most at small sizes "
+                   "(1.76x at 256x256; about 1x at 512x512 on 2 cores, with 6-7 GB of transformed filters). CPU "
+                   "only; on a GPU the model samples unchanged.")
     # The compiled transforms take 7% off the UNet's convolution time at 512x512 but cost a one-time compile of
     # about 4 minutes on 2 cores (2 with inductor's disk cache warm): opt-in here, where a first run must not
     # stall a queue.

@@ -7,7 +7,6 @@ ComfyUI and gradio front-ends read); bad input exits non-zero with the engine's 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -74,6 +73,7 @@ def _parse_opt(text: str):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .bench.comfyui import VARIANTS as COMFY_VARIANTS
     from .bench.presets import preset_names
     from .models.families import FAMILIES
     from .spec.ensemble import EnsembleSpec
@@ -81,7 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     from .spec.pipeline import GenerationRequest
 
     parser = argparse.ArgumentParser(prog="python -m sdaccel", description="SDAccel: measured Stable Diffusion "
-                                     "acceleration. Generate images or benchmark optimization presets.")
+                                     "acceleration. Generate images or benchmark optimization presets. The web UI "
+                                     "and A1111 API: python -m sdaccel webui --help")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -131,43 +132,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--comfyui", default=None, help="bench comfyui: the ComfyUI checkout to start (127.0.0.1)")
     bench.add_argument("--comfyui-python", default=None, help="bench comfyui: the python of ComfyUI's venv")
     bench.add_argument("--variants", default=None, help="bench comfyui: comma-separated variants (default all: "
-                       "baseline, winograd, deepcache, cfg-cutoff, precision-half, comfy-compute-bf16, "
-                       "channels-last, compile-openvino)")
+                       f"{', '.join(COMFY_VARIANTS)})")
     bench.add_argument("--no-engine", action="store_true", help="bench comfyui: skip the engine's side")
     bench.add_argument("--eager-transforms", action="store_true",
                        help="bench winograd: the eager PyTorch transforms instead of the compiled ones")
     return parser
-
-
-def _png_parameters(spec, request, result, index: int) -> str:
-    """A1111-style 'parameters' text so other tools can read the settings back."""
-    stats = result.stats
-    text = request.prompt
-    if request.negative_prompt:
-        text += f"\nNegative prompt: {request.negative_prompt}"
-    text += (f"\nSteps: {stats.steps}, Sampler: {stats.scheduler}, CFG scale: {stats.cfg}, "
-             f"Seed: {(request.seed + index) % 2**64}, Size: {stats.width}x{stats.height}, "
-             f"Model: {_printable(Path(spec.specs()[0].model.path).stem)}, Family: {stats.family}")
-    if request.is_img2img:
-        text += f", Denoising strength: {request.strength}"
-    return text
-
-
-def _save_png(image, path: Path, texts: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in texts.items():
-        info.add_itxt(key, value)
-    from .run.files import atomic_path
-
-    with atomic_path(path) as tmp:  # never leave a half-written image, even on Ctrl+C
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def _printable(text: str) -> str:
-    """A file name that is not valid UTF-8 (Linux allows it) as text PNG metadata can hold."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _check_output_file(path: str | None, flag: str) -> None:
@@ -225,6 +194,7 @@ def cmd_generate(args) -> int:
     elif args.switch_at is not None:
         raise ConfigError("--switch-at", "applies to the refiner ensemble only", "add --refiner FILE or drop it")
     _quiet_libraries(args.verbose)
+    from .run.infotext import parameters_text, run_metadata, save_png
     from .run.sampler import run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,12 +211,10 @@ def cmd_generate(args) -> int:
     finally:
         for bar in bars:
             bar.close()
-    meta = json.dumps({"spec": spec.to_dict(), "request": {k: v for k, v in request.to_dict().items()
-                                                          if k != "init_image"},
-                       "applied": result.stats.applied, "stats": result.stats.to_dict()}, default=str)
+    meta = run_metadata(spec, request, result.stats)
     for i, image in enumerate(result.images):
         path = _unique_path(out, f"sdaccel_{(request.seed + i) % 2**64}")
-        _save_png(image, path, {"parameters": _png_parameters(spec, request, result, i), "sdaccel": meta})
+        save_png(image, path, {"parameters": parameters_text(spec, request, result.stats, i), "sdaccel": meta})
         print(path)
     print(result.stats.summary_line())
     return 0

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
+from browser import browser_page
 from sdaccel.optim.bench.comfyui_server import RUN_TIMEOUT_S  # noqa: F401 (for the tests)
 from sdaccel.optim.bench.comfyui_server import ComfyServer as Server
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# Chromium on a machine with a closed network: no background connections, no first-run work, no GPU
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SKIP_REASON = ("COMFYUI_PATH is not set: point it at a ComfyUI checkout (e.g. ../shared/hosts/comfyui) and "
                "COMFYUI_PYTHON at its venv's python to run the pack in a real ComfyUI (.ci/run does)")
 
@@ -152,24 +148,11 @@ class Frontend:
 
 def open_frontend(server: Server):
     """A generator for a fixture: a Frontend on the server's page, once the pack's extension has registered."""
-    import pytest
-
-    if shutil.which(CHROMIUM) is None:
-        pytest.fail(f"no Chromium at {CHROMIUM}: `apt-get install chromium` (or set CHROMIUM) to check the page")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        pytest.fail(f"playwright is not installed ({exc}): `pip install playwright` (no browser download needed)")
     server.request("/settings", {"Comfy.TutorialCompleted": True})  # no first-visit template dialog over the canvas
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # a fresh profile each time
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            frontend = Frontend(page, server)
-            page.goto(server.url, wait_until="load", timeout=120_000)
-            page.wait_for_function("() => window.app?.graph && window.app.extensionManager !== undefined"
-                                   " && window.app.extensions?.some(e => e.name === 'SDAccel.RunStats')",
-                                   timeout=120_000)
-            yield frontend
-        finally:
-            browser.close()
+    with browser_page() as page:
+        frontend = Frontend(page, server)
+        page.goto(server.url, wait_until="load", timeout=120_000)
+        page.wait_for_function("() => window.app?.graph && window.app.extensionManager !== undefined"
+                               " && window.app.extensions?.some(e => e.name === 'SDAccel.RunStats')",
+                               timeout=120_000)
+        yield frontend

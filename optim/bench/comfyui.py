@@ -12,6 +12,8 @@ and each patch's speedup is set against the engine's (the denoise loop only, as 
 
 from __future__ import annotations
 
+import gc
+import shutil
 import statistics
 import tempfile
 import time
@@ -228,10 +230,6 @@ def _engine_denoise(settings: ComfyBenchSettings, say) -> dict[str, dict]:
 def run_comfyui_bench(settings: ComfyBenchSettings, *, say: Callable[[str], None] = print,
                       workdir: str | None = None) -> dict:
     """Start ComfyUI, time every variant there and in the engine; return the report (rows in the given order)."""
-    from ..run.capabilities import machine_summary
-    from ..testing.random_weights import build_host_shaped_sd15, build_pipeline, write_single_file
-    from .comfyui_server import launch
-
     if settings.model not in MODELS:
         raise ConfigError("bench comfyui model", f"unknown {settings.model!r}", f"use one of {', '.join(MODELS)}")
     if settings.model != "sd15" and settings.engine:
@@ -248,11 +246,26 @@ def run_comfyui_bench(settings: ComfyBenchSettings, *, say: Callable[[str], None
         if value < low:
             raise ConfigError(f"bench --{name}", f"{value!r} is below {low}", f"use --{name} {max(low, 1)} or more")
     base = Path(workdir or tempfile.mkdtemp(prefix="sdaccel-comfy-bench-"))
+    try:
+        return _bench_in(base, settings, say)
+    finally:
+        if workdir is None:  # the checkpoint written here is 2 GB: nothing of it is kept
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _bench_in(base: Path, settings: ComfyBenchSettings, say) -> dict:
+    from ..run.allocator import release_free_memory
+    from ..run.capabilities import machine_summary
+    from ..testing.random_weights import build_host_shaped_sd15, build_pipeline, write_single_file
+    from .comfyui_server import launch
+
     say(f"writing an SD 1.5 checkpoint ({settings.model}, random weights) into {base} ...")
     pipe = build_pipeline("sd15") if settings.model == "sd15" else build_host_shaped_sd15()
     write_single_file(pipe, "sd15", base / "models" / "checkpoints" / CHECKPOINT, dtype="float16")
     vae = pipe.vae.eval()
     del pipe
+    gc.collect()
+    release_free_memory()  # the driver keeps only the VAE while ComfyUI runs beside it (bench keeps freed memory)
     say(f"starting ComfyUI from {settings.comfyui} on 127.0.0.1 ...")
     server = launch(Path(settings.comfyui), settings.python, base, client_id="sdaccel-bench")
     try:

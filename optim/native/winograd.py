@@ -24,10 +24,14 @@ class NativeWinograd:
         self.cfg = cfg
         self.weights = weights
         self.planner = WinogradPlanner(cfg, cfg.calibration_dir or None)
-        self.cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)
+        self.cache: FilterCache | None = None  # sized at the first run, once the host has loaded its model
         self.hooked: HookedConvs | None = None
 
     def _hooks_for(self, unet) -> HookedConvs:
+        if self.cache is None:
+            # a host loads (and casts) its weights when sampling starts, not when the patch node runs: an
+            # automatic budget taken earlier counts memory the model is about to fill
+            self.cache = FilterCache((self.cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)
         if self.hooked is None or self.hooked.module is not unet:
             if self.hooked is not None:
                 self.hooked.drop()

@@ -32,6 +32,7 @@ from ...run.capabilities import package_available
 from ...spec.errors import ConfigError, UnavailableError
 from .config import DYNAMO_BACKENDS, CompileConfig, _granularity
 from .engines import (
+    CompileTarget,
     StaleCompileError,
     WeightWatch,
     _BlockIO,
@@ -40,7 +41,6 @@ from .engines import (
     _install,
     _ModuleCompilerEngine,
     _OpenVinoEngine,
-    CompileTarget,
     _UnetIO,
 )
 

@@ -1,0 +1,45 @@
+"""The SDAccel tab inside A1111/Forge (`script_callbacks.on_ui_tabs`): the standalone web UI's Blocks over the
+host's checkpoint folder, with one queue of its own.
+
+Memory: the tab runs the engine's own pipeline beside the host's loaded model (both in RAM on a CPU; on a GPU the
+engine's offload toggles apply to its pipeline only). The host's model is left loaded, so the host's own tabs stay
+instant; a machine without room for two models should use the accordion (which works on the host's model) or
+unload the host's model from its Settings page.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .requirements import engine_problem
+
+log = logging.getLogger("sdaccel")
+TAB_ID = "sdaccel"
+
+
+def host_checkpoint_folders() -> list:
+    from modules import sd_models, shared
+
+    folders = [sd_models.model_path]
+    extra = getattr(shared.cmd_opts, "ckpt_dir", None)
+    if extra:
+        folders.append(extra)
+    return folders
+
+
+def build_tab():
+    """[(blocks, title, id)] for on_ui_tabs; a tab that says why when the engine cannot run in this Python."""
+    import gradio as gr
+
+    problem = engine_problem()
+    if problem:
+        log.warning("SDAccel: %s", problem)
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            gr.Markdown(f"**The SDAccel tab is off:** {problem}.", elem_id="sdaccel_tab_off")
+        return [(blocks, "SDAccel", TAB_ID)]
+    from ..webui.blocks import build_blocks
+    from ..webui.catalog import ModelCatalog
+    from ..webui.session import WebSession
+
+    session = WebSession(ModelCatalog(host_checkpoint_folders()))
+    return [(build_blocks(session), "SDAccel", TAB_ID)]

@@ -1,0 +1,91 @@
+"""The web UI's form -> spec rules and its checkpoint list, without a browser (the page itself: test_webui_ui.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sdaccel.optim.spec.ensemble import EnsembleSpec
+from sdaccel.optim.spec.errors import ConfigError
+from sdaccel.webui.catalog import ModelCatalog
+from sdaccel.webui.form import NO_REFINER, build_job
+from sdaccel.webui.session import WebSession
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    (tmp_path / "a.safetensors.config" / "unet").mkdir(parents=True)
+    (tmp_path / "a.safetensors.config" / "model_index.json").write_text("{}")  # a sidecar, not a model
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.ckpt").write_bytes(b"x")
+    (tmp_path / "sub" / "notes.txt").write_text("not a model")
+    (tmp_path / "xl-diffusers").mkdir()
+    (tmp_path / "xl-diffusers" / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "c.safetensors").write_bytes(b"x")
+    return tmp_path
+
+
+def test_catalog_lists_checkpoints_and_diffusers_folders_only(folder):
+    catalog = ModelCatalog([folder], extra=["synthetic:sd15"])
+    assert [e.title for e in catalog.entries()] == ["a.safetensors", "sub/b.ckpt", "synthetic:sd15", "xl-diffusers"]
+    assert catalog.find("sub_b").title == "sub/b.ckpt"  # A1111's model_name
+    assert catalog.find("a [deadbeef]").path == str(folder / "a.safetensors")  # a title with A1111's hash
+    with pytest.raises(ConfigError, match="sd_model_checkpoint: no checkpoint named 'zzz'.*known: a.safetensors"):
+        catalog.find("zzz")
+    (folder / "new.safetensors").write_bytes(b"x")  # listed afresh on every call
+    assert "new.safetensors" in [e.title for e in catalog.entries()]
+
+
+def test_session_without_checkpoints_says_where_to_put_them(tmp_path):
+    session = WebSession(ModelCatalog([tmp_path]))
+    try:
+        with pytest.raises(ConfigError, match="no checkpoint found.*--models"):
+            session.selected
+    finally:
+        session.close()
+
+
+def _form(items=None):
+    form = {("model", "checkpoint"): "a.safetensors", ("model", "family"): "auto",
+            ("request", "prompt"): "a fox", ("request", "width"): 64, ("request", "height"): 64,
+            ("request", "steps"): 2.0, ("request", "seed"): 5.0, ("refiner", "checkpoint"): NO_REFINER}
+    form.update(items or {})
+    return form
+
+
+def test_form_builds_the_spec_and_request_the_controls_show(folder):
+    session = WebSession(ModelCatalog([folder]))
+    try:
+        spec, requests, title = build_job(session, _form({
+            ("opt", "channels_last", "enabled"): True, ("opt", "channels_last", "vae"): True,
+            ("opt", "deepcache", "enabled"): False, ("opt", "deepcache", "cache_interval"): 5.0}))
+        assert title == "a.safetensors" and spec.model.path == str(folder / "a.safetensors")
+        assert spec.optimization("channels_last").vae is True and spec.optimization("deepcache") is None
+        request = requests[0]
+        assert (request.prompt, request.steps, request.seed, request.width) == ("a fox", 2, 5, 64)
+        assert isinstance(request.steps, int)  # gradio numbers arrive as floats
+        ensemble, _, _ = build_job(session, _form({("refiner", "checkpoint"): "sub/b.ckpt",
+                                                     ("ensemble", "switch_at"): 0.8}))
+        assert isinstance(ensemble, EnsembleSpec) and ensemble.switch_at == 0.8
+        assert ensemble.refiner.model.path.endswith("b.ckpt")
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("items, match", [
+    ({("model", "checkpoint"): None}, "Checkpoint: none selected"),
+    ({("model", "checkpoint"): "gone.safetensors"}, "Checkpoint: no checkpoint named"),
+    ({("request", "width"): 65}, "width: 65 is not a multiple of 8"),
+    ({("request", "steps"): 0}, "steps: 0 is below the minimum"),
+    ({("opt", "winograd", "enabled"): True, ("opt", "winograd", "tile"): "f9"}, "tile: 'f9' is not one of"),
+    ({("refiner", "checkpoint"): "missing.ckpt"}, "Refiner: no checkpoint named"),
+])
+def test_bad_form_values_name_the_control(folder, items, match):
+    session = WebSession(ModelCatalog([folder]))
+    try:
+        with pytest.raises(ConfigError, match=match):
+            build_job(session, _form(items))
+    finally:
+        session.close()

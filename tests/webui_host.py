@@ -1,0 +1,92 @@
+"""A real A1111 (or Forge) for the tests: started offline on the CPU on 127.0.0.1 by ../shared/hosts' own
+script, from a writable copy of the tree, with this checkout linked in as the extension `sdaccel` and an SD 1.5
+checkpoint of the real architecture (random weights; A1111 builds the full model from its own config) in its
+models folder. `A1111_PATH`/`A1111_PYTHON` (or `FORGE_PATH`/`FORGE_PYTHON`) name the tree and its venv.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTS = ROOT.parent / "shared" / "hosts"
+START_SCRIPT = HOSTS / "setup" / "start-webui.sh"
+CHECKPOINT = "sdaccel-random-sd15.safetensors"
+READY_TIMEOUT_S = 600
+
+
+def host_env(host: str) -> tuple[str, str]:
+    prefix = host.upper()
+    return os.environ.get(f"{prefix}_PATH", ""), os.environ.get(f"{prefix}_PYTHON", "")
+
+
+def skip_reason(host: str) -> str:
+    prefix = host.upper()
+    return (f"{prefix}_PATH / {prefix}_PYTHON are not set: point them at ../shared/hosts/{host} and a venv built by "
+            f"../shared/hosts/setup/venv.sh {host} (CI does)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_random_sd15(path: Path) -> None:
+    from sdaccel.optim.testing.random_weights import build_pipeline, write_single_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline("sd15")
+    write_single_file(pipe, "sd15", path, dtype="float16")
+
+
+class WebUIHost:
+    def __init__(self, host: str, python: str, workdir: Path, extra=()):
+        self.host, self.workdir = host, workdir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "extensions").mkdir(parents=True, exist_ok=True)
+        link = workdir / "extensions" / "sdaccel"
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        checkpoint = workdir / "models" / "Stable-diffusion" / CHECKPOINT
+        if not checkpoint.exists():
+            write_random_sd15(checkpoint)
+        self.log = workdir.parent / f"{host}-{self.port}.log"
+        flags = ["--ckpt", str(checkpoint), "--disable-nan-check"]
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        self.proc = subprocess.Popen(["bash", str(START_SCRIPT), host, str(Path(python).parent.parent), str(workdir),
+                                      str(self.port), *flags, *extra], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.host} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{self.host} did not answer in {READY_TIMEOUT_S} s:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(60)
+        self._log.close()

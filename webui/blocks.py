@@ -1,0 +1,179 @@
+"""The SDAccel gradio Blocks: Generate (txt2img/img2img, every toggle, the refiner ensemble) and Bench.
+
+One builder serves the standalone `python -m sdaccel webui` and the A1111/Forge tab (scripts/), so both show
+the same knobs as the ComfyUI nodes and the CLI: the controls come from the engine's field descriptions.
+Generations and benchmarks go through the session's one queue, so they never run at once.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from ..optim.spec.errors import GenerationInterrupted, SDAccelError
+from .controls import control, ui_fields
+from .form import NO_REFINER, build_job, optimization_classes, request_fields, stats_text
+from .service import QueueFull, engine_job
+
+POLL_S = 0.25
+
+
+def _titles(session) -> list[str]:
+    return [entry.title for entry in session.catalog.entries()]
+
+
+def _selected(session):
+    try:
+        return session.selected.title
+    except SDAccelError:
+        return None
+
+
+def _wait(gr, job, outputs: int, say):
+    """Yield progress updates until `job` is done (the other outputs untouched)."""
+    while not job.future.done():
+        yield (gr.update(),) * (outputs - 1) + (say(job),)
+        time.sleep(POLL_S)
+
+
+def build_blocks(session, *, title: str = "SDAccel"):
+    """The Blocks for `session` (a WebSession); gradio is imported here, never at module import."""
+    import gradio as gr
+
+    from ..optim.bench.presets import preset_names
+    from ..optim.spec.ensemble import EnsembleSpec
+    from ..optim.spec.model_ref import ModelRef
+
+    keys: list[tuple] = []
+    inputs: list = []
+
+    def add(key: tuple, component):
+        keys.append(key)
+        inputs.append(component)
+        return component
+
+    family_info = next(info for info in ui_fields(ModelRef) if info.name == "family")
+    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
+        with gr.Row():
+            checkpoint = add(("model", "checkpoint"), gr.Dropdown(
+                choices=_titles(session), value=_selected(session), label="Checkpoint",
+                info="Checkpoints in the models folder (.safetensors/.ckpt files, diffusers folders)",
+                elem_id="sdaccel_checkpoint"))
+            refresh = gr.Button("Refresh list", elem_id="sdaccel_refresh")
+            add(("model", "family"), control(gr, family_info, value=session.family, elem_id="sdaccel_family"))
+        with gr.Tabs():
+            with gr.Tab("Generate", elem_id="sdaccel_generate_tab"):
+                with gr.Row():
+                    with gr.Column():
+                        for info in request_fields():
+                            add(("request", info.name), control(gr, info, elem_id=f"sdaccel_{info.name}"))
+                        add(("init", "image"), gr.Image(type="pil", label="img2img source (empty: txt2img)",
+                                                        elem_id="sdaccel_init_image"))
+                        with gr.Accordion("Optimizations", open=True):
+                            for kind, cls in optimization_classes().items():
+                                with gr.Accordion(cls.title, open=False, elem_id=f"sdaccel_opt_{kind}"):
+                                    add(("opt", kind, "enabled"), gr.Checkbox(
+                                        value=False, label=f"Use {cls.title}", elem_id=f"sdaccel_use_{kind}",
+                                        info="lossless: the same image" if cls.lossless else
+                                        "changes the image: see the measured fidelity in the README"))
+                                    for info in ui_fields(cls):
+                                        add(("opt", kind, info.name),
+                                            control(gr, info, elem_id=f"sdaccel_{kind}_{info.name}"))
+                        with gr.Accordion("SDXL refiner ensemble", open=False):
+                            refiner = add(("refiner", "checkpoint"), gr.Dropdown(
+                                choices=[NO_REFINER] + _titles(session), value=NO_REFINER, label="Refiner",
+                                info="An SDXL refiner: base and refiner run as one schedule"))
+                            for info in ui_fields(EnsembleSpec, skip=("base", "refiner")):
+                                add(("ensemble", info.name), control(gr, info))
+                    with gr.Column():
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", elem_id="sdaccel_generate")
+                            interrupt = gr.Button("Interrupt", elem_id="sdaccel_interrupt")
+                        status = gr.Markdown("", elem_id="sdaccel_status")
+                        gallery = gr.Gallery(label="Images", elem_id="sdaccel_gallery")
+                        stats = gr.Textbox(label="Run statistics", lines=6, elem_id="sdaccel_stats")
+            with gr.Tab("Bench", elem_id="sdaccel_bench_tab"):
+                presets = gr.CheckboxGroup(choices=preset_names(), value=["baseline", "channels-last"],
+                                           label="Presets", elem_id="sdaccel_bench_presets")
+                with gr.Row():
+                    bench_size = gr.Slider(minimum=64, maximum=1024, step=64, value=256, label="Size")
+                    bench_steps = gr.Slider(minimum=1, maximum=50, step=1, value=4, label="Steps")
+                    bench_repeats = gr.Slider(minimum=1, maximum=10, step=1, value=2, label="Repeats")
+                    bench_warmup = gr.Slider(minimum=0, maximum=3, step=1, value=1, label="Warm-up runs")
+                bench_checkpoint = gr.Checkbox(value=False, label="Use the selected checkpoint (else random "
+                                               "weights of the real SD 1.5 architecture)")
+                run_bench = gr.Button("Run bench", variant="primary", elem_id="sdaccel_run_bench")
+                bench_status = gr.Markdown("", elem_id="sdaccel_bench_status")
+                bench_table = gr.Markdown("", elem_id="sdaccel_bench_table")
+                bench_chart = gr.Image(type="filepath", label="Chart", elem_id="sdaccel_bench_chart")
+
+        def on_refresh():
+            titles = _titles(session)
+            return gr.update(choices=titles), gr.update(choices=[NO_REFINER] + titles)
+
+        def on_generate(*values):
+            form = dict(zip(keys, values))
+            try:
+                spec, requests, _ = build_job(session, form)
+                job = session.service.submit(engine_job(spec, requests),
+                                             label="img2img" if requests[0].is_img2img else "txt2img")
+            except (SDAccelError, QueueFull) as exc:
+                yield gr.update(), gr.update(), f"**Error:** {exc}"
+                return
+            yield from _wait(gr, job, 3, lambda j: f"step {j.step}/{j.total}" if j.total else
+                             f"waiting ({session.service.waiting} queued)" if j.started is None else "loading")
+            try:
+                results = job.future.result()
+            except GenerationInterrupted as exc:
+                yield [], "", f"**Interrupted:** {exc}"
+                return
+            except SDAccelError as exc:
+                yield gr.update(), gr.update(), f"**Error:** {exc}"
+                return
+            images = [image for result in results for image in result.images]
+            yield images, stats_text(results), f"done in {sum(r.stats.total_s for r in results):.2f} s"
+
+        def on_interrupt():
+            return "interrupting at the next step" if session.service.interrupt() else "nothing is running"
+
+        def on_bench(names, size, steps, repeats, warmup, use_checkpoint, checkpoint_title):
+            from ..optim.bench.runner import BenchSettings, format_table, run_bench, write_chart
+
+            if not names:
+                yield gr.update(), gr.update(), "**Error:** pick at least one preset"
+                return
+            lines: list[str] = []
+            path = session.catalog.find(checkpoint_title, field="Checkpoint").path \
+                if use_checkpoint and checkpoint_title else None
+            settings = BenchSettings(presets=list(names), size=int(size), steps=int(steps), repeats=int(repeats),
+                                     warmup=int(warmup), checkpoint=path, device=session.device)
+
+            def work(progress, should_interrupt):
+                report = run_bench(settings, say=lines.append)
+                chart = tempfile.NamedTemporaryFile(prefix="sdaccel-bench-", suffix=".png", delete=False).name
+                try:
+                    write_chart(report, chart)
+                except ImportError:
+                    chart = None
+                return report, chart
+
+            try:
+                job = session.service.submit(work, label="bench")
+            except QueueFull as exc:
+                yield gr.update(), gr.update(), f"**Error:** {exc}"
+                return
+            yield from _wait(gr, job, 3, lambda j: (lines[-1] if lines else "waiting for the queue"))
+            try:
+                report, chart = job.future.result()
+            except SDAccelError as exc:
+                yield gr.update(), gr.update(), f"**Error:** {exc}"
+                return
+            yield f"```\n{format_table(report)}\n```", chart, f"done: {len(report['rows'])} rows"
+
+        refresh.click(fn=on_refresh, inputs=None, outputs=[checkpoint, refiner])
+        generate.click(fn=on_generate, inputs=inputs, outputs=[gallery, stats, status])
+        interrupt.click(fn=on_interrupt, inputs=None, outputs=[status])
+        run_bench.click(fn=on_bench, inputs=[presets, bench_size, bench_steps, bench_repeats, bench_warmup,
+                                             bench_checkpoint, checkpoint],
+                        outputs=[bench_table, bench_chart, bench_status])
+    return blocks
