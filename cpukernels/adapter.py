@@ -107,7 +107,10 @@ class _Filters:
         u = filter_transform(used.detach(), m)
         packed = pack_filters(u, rows_hint)
         if m in self.reserved:
-            self.by_tile[m] = (_Stamp(source, used), u if packed is None else u[:0], packed)
+            # with packed filters only their shape is needed from U: a fresh empty tensor, not a view (`u[:0]` would
+            # keep all of U's storage alive beside the packed copy, twice the filter memory the budget counts)
+            kept = u if packed is None else u.new_empty((0, *u.shape[1:]))
+            self.by_tile[m] = (_Stamp(source, used), kept, packed)
         return u, packed
 
     def drop(self) -> None:

@@ -206,6 +206,21 @@ def test_filter_budget_bounds_memory_and_layers_without_room_stay_on_conv2d():
     assert roomy.used == 0
 
 
+def test_packed_filters_are_the_only_copy_kept():
+    """With oneDNN-packed filters, the kept U holds no storage: the filter memory is what the budget counts."""
+    from sdaccel.cpukernels.winograd import mkldnn_linear_available
+
+    if not mkldnn_linear_available():
+        pytest.skip("this torch has no oneDNN linear packing: U itself is the kept copy")
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1))
+    patch_convs(net, _always(4), FilterCache(2**24))
+    with torch.inference_mode():
+        net(torch.randn(1, 16, 16, 16))
+    (stamp, kept, packed), = net[0]._filters.by_tile.values()
+    assert packed is not None and kept.shape[1:] == (16, 16)
+    assert kept.untyped_storage().nbytes() == 0  # not a view of the full U (36 x 16 x 16 floats)
+
+
 def test_best_choice_keeps_conv2d_unless_winograd_is_clearly_faster():
     assert best_choice({"conv2d": 1.0, "f2b0": 0.99, "f4b0": 0.98}) == ("conv2d", 0, 0)
     assert best_choice({"conv2d": 1.0, "f2b0": 0.8, "f4b2": 0.5, "filter_transform_f4": 0.01}) == ("winograd", 4, 2)
