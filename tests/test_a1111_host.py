@@ -21,7 +21,7 @@ BODY = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "seed": 7
 
 @pytest.fixture(scope="module")
 def a1111(tmp_path_factory):
-    host = webui_host.WebUIHost("a1111", A1111_PYTHON, tmp_path_factory.mktemp("a1111") / "webui")
+    host = webui_host.WebUIHost("a1111", A1111_PATH, A1111_PYTHON, tmp_path_factory.mktemp("a1111") / "webui")
     try:
         host.wait_ready()
         yield host

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOSTS = ROOT.parent / "shared" / "hosts"
-START_SCRIPT = HOSTS / "setup" / "start-webui.sh"
 CHECKPOINT = "sdaccel-random-sd15.safetensors"
 READY_TIMEOUT_S = 600
 
@@ -45,8 +43,12 @@ def write_random_sd15(path: Path) -> None:
 
 
 class WebUIHost:
-    def __init__(self, host: str, python: str, workdir: Path, extra=()):
+    """`host` started by the start-webui.sh beside its tree (`tree`: ../shared/hosts/<host>) with the venv of
+    `python`."""
+
+    def __init__(self, host: str, tree: str, python: str, workdir: Path, extra=()):
         self.host, self.workdir = host, workdir
+        start_script = Path(tree).resolve().parent / "setup" / "start-webui.sh"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (workdir / "extensions").mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ class WebUIHost:
         flags = ["--ckpt", str(checkpoint), "--disable-nan-check"]
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        self.proc = subprocess.Popen(["bash", str(START_SCRIPT), host, str(Path(python).parent.parent), str(workdir),
+        self.proc = subprocess.Popen(["bash", str(start_script), host, str(Path(python).parent.parent), str(workdir),
                                       str(self.port), *flags, *extra], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env)
 
