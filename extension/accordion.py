@@ -207,13 +207,10 @@ class AccordionRun:
         if stack is None:
             return
         stack.close()
+        from ..optim.native.winograd import winograd_summary
+
         counters = run.counters
-        lines = []
-        if "winograd_layers" in counters:
-            lines.append(f"{counters.get('winograd_winograd_calls', 0)} Winograd and "
-                         f"{counters.get('winograd_conv2d_calls', 0)} F.conv2d calls over "
-                         f"{counters['winograd_layers']} convolutions; "
-                         f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters")
+        lines = winograd_summary(counters)
         if counters.get("precision_channels_last_weights"):
             lines.append(f"{counters['precision_channels_last_weights']} weights channels-last")
         lines.extend(run.notes)

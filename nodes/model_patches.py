@@ -165,7 +165,7 @@ class SDAccelWinogradModel(_ModelPatch):
         return ui_fields(WinogradConfig, skip=("unet", "vae"))
 
     def patch(self, model, unique_id=None, **given):
-        from ..optim.native.winograd import NativeWinograd
+        from ..optim.native.winograd import NativeWinograd, winograd_summary
 
         self._check_layout(model, "SDAccel Winograd")
         cfg = WinogradConfig(**values(self.fields(), given))
@@ -184,15 +184,7 @@ class SDAccelWinogradModel(_ModelPatch):
             report.context.busy_listeners.append(show_busy(unique_id))
             with state.run(guider.inner_model, report.context):
                 result = executor(guider, sigmas, *args, **kwargs)
-            counters = report.context.counters
-            lines = [f"{counters.get('winograd_winograd_calls', 0)} Winograd and "
-                     f"{counters.get('winograd_conv2d_calls', 0)} F.conv2d calls over "
-                     f"{counters.get('winograd_layers', 0)} convolutions; "
-                     f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"]
-            if counters.get("winograd_calibrated_shapes"):
-                lines.append(f"measured {counters['winograd_calibrated_shapes']} new convolution shapes on this CPU "
-                             f"in {counters.get('winograd_calibration_s', 0):.1f} s (once; kept for next time)")
-            report.finish(lines)
+            report.finish(winograd_summary(report.context.counters))
             return result
 
         self._add(patched, _comfy("comfy.patcher_extension").WrappersMP.SAMPLER_SAMPLE, sampler_sample)

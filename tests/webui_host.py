@@ -7,10 +7,10 @@ models folder. `A1111_PATH`/`A1111_PYTHON` (or `FORGE_PATH`/`FORGE_PYTHON`) name
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from pathlib import Path
+
+from sdaccel.optim.bench.processes import free_port, stop_process, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = "sdaccel-random-sd15.safetensors"
@@ -28,12 +28,6 @@ def skip_reason(host: str) -> str:
             f"../shared/hosts/setup/venv.sh {host} (CI does)")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_random_sd15(path: Path) -> None:
     from sdaccel.optim.testing.random_weights import build_pipeline, write_single_file
 
@@ -49,7 +43,7 @@ class WebUIHost:
     def __init__(self, host: str, tree: str, python: str, workdir: Path, extra=()):
         self.host, self.workdir = host, workdir
         start_script = Path(tree).resolve().parent / "setup" / "start-webui.sh"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (workdir / "extensions").mkdir(parents=True, exist_ok=True)
         link = workdir / "extensions" / "sdaccel"
@@ -70,25 +64,9 @@ class WebUIHost:
         return self.log.read_text(errors="replace")
 
     def wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.host} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"{self.host} did not answer in {READY_TIMEOUT_S} s:\n{self.log_text()[-4000:]}")
+        wait_for_http(self.url + "/sdapi/v1/sd-models", self.proc, READY_TIMEOUT_S, name=self.host, interval=1,
+                      detail=lambda: ":\n" + self.log_text()[-4000:])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(60)
+        stop_process(self.proc, 60)
         self._log.close()

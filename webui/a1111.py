@@ -43,11 +43,11 @@ NOT_IMPLEMENTED = {"styles": [], "subseed": -1, "subseed_strength": 0, "seed_res
 ACCEPTED = {"do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards", "sampler_index",
             "s_tmax", "refiner_switch_at", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
             "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-            "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "denoising_strength",
+            "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
             "force_task_id", "infotext", "comments", "mask_blur", "mask_blur_x", "mask_blur_y", "mask_round",
             "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
             "latent_mask", "resize_mode", "send_images", "alwayson_scripts", "override_settings", "init_images",
-            "n_iter", "scheduler", "user", "tiling"}
+            "user"}
 _SCHEDULER_SUFFIX = {"karras": "_karras"}
 
 
@@ -69,7 +69,7 @@ class PayloadError(SDAccelError):
 class ParsedRequest:
     """What a `/sdapi/v1/txt2img|img2img` body asks for, in engine terms."""
 
-    request: object  # GenerationRequest (the first batch; n_iter batches follow with later seeds)
+    request: object  # GenerationRequest as the body gives it (presets are applied when the job is planned)
     n_iter: int = 1
     optimizations: list = field(default_factory=list)  # OptimizationConfig instances
     presets: list = field(default_factory=list)  # preset names (applied with their request changes)
@@ -130,23 +130,24 @@ def decode_image(data, field_name: str):
 
 def _accordion_args(args: list, where: str) -> tuple[list, dict]:
     """[enabled, winograd, channels_last, cfg_cutoff]: what SDAccel's A1111 accordion sends (extension/accordion.py)."""
+    from ..extension.accordion import Choice
     from ..optim.spec.optimization import config_class
 
-    names = ("enabled", "winograd", "channels_last", "cfg_cutoff")
+    names = Choice.ORDER
     if len(args) > len(names):
         raise PayloadError(where, f"the accordion takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
-    values = dict(zip(names, args))
-    for name in names[:3]:
-        if name in values and not isinstance(values[name], bool):
-            raise PayloadError(f"{where}.{names.index(name)}", f"{name} must be true or false")
-    cutoff = values.get("cfg_cutoff", 1.0)
+    for i, (name, value) in enumerate(zip(names[:3], args)):
+        if not isinstance(value, bool):
+            raise PayloadError(f"{where}.{i}", f"{name} must be true or false")
+    cutoff = args[3] if len(args) > 3 else 1.0
     if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff <= 1:
         raise PayloadError(f"{where}.3", f"cfg_cutoff must be a number from 0 to 1, got {cutoff!r}")
-    if not values["enabled"]:
+    choice = Choice.from_args(args)
+    if not choice.enabled:
         return [], {}
-    configs = [config_class("winograd")(fused_transforms=False)] if values.get("winograd") else []  # as the accordion
-    configs += [config_class("channels_last")()] if values.get("channels_last") else []
-    return configs, ({"cfg_cutoff": float(cutoff)} if cutoff < 1 else {})
+    configs = [config_class("winograd")(fused_transforms=False)] if choice.winograd else []  # as the accordion
+    configs += [config_class("channels_last")()] if choice.channels_last else []
+    return configs, ({"cfg_cutoff": choice.cfg_cutoff} if choice.cfg_cutoff < 1 else {})
 
 
 def _alwayson(scripts) -> tuple[list, list, list, dict]:
@@ -209,7 +210,7 @@ def parse(body, *, img2img: bool = False) -> ParsedRequest:
         _check_type(merged, name, (int, float), "a number")
     notes = [f"{name}={body[name]!r:.40} is not implemented by SDAccel; ignored"
              for name, neutral in NOT_IMPLEMENTED.items()
-             if name in body and body[name] not in (None, "", neutral) and body[name] != neutral]
+             if name in body and body[name] not in (None, "", neutral)]
     unknown = sorted(set(body) - set(DEFAULTS) - set(NOT_IMPLEMENTED) - ACCEPTED)
     if unknown:
         notes.append(f"unknown field(s) {', '.join(unknown)}; ignored")
@@ -251,11 +252,10 @@ def parse(body, *, img2img: bool = False) -> ParsedRequest:
                          checkpoint=checkpoint, send_images=send is not False, notes=notes + script_notes, echo=echo)
 
 
-def response(results: list, spec, parsed: ParsedRequest, *, model_title: str) -> dict:
+def response(results: list, spec, parsed: ParsedRequest, request, *, model_title: str) -> dict:
     """A1111's TextToImageResponse: base64 PNGs (with their `parameters`), the echoed body, the `info` JSON."""
     from ..optim.run.infotext import parameters_text, png_bytes, run_metadata
 
-    request = parsed.request
     images, infotexts, seeds = [], [], []
     for batch, result in enumerate(results):
         first = request.seed + batch * request.batch_size

@@ -8,6 +8,7 @@ route handlers are async and wait on the job's future, so waiting clients hold n
 
 
 import asyncio
+import json
 import logging
 import time
 
@@ -27,7 +28,8 @@ def _apply_presets(spec, request, names):
 
 
 def plan_generation(session, parsed: a1111.ParsedRequest):
-    """(spec, requests, checkpoint entry) for a parsed body, checked before anything is queued."""
+    """(spec, requests, checkpoint entry) for a parsed body, checked before anything is queued; the requests are
+    the n_iter batches, with the presets' request changes."""
     from ..optim.spec.optimization import check_conflicts
 
     spec, entry = session.spec(checkpoint=parsed.checkpoint)
@@ -37,7 +39,6 @@ def plan_generation(session, parsed: a1111.ParsedRequest):
     check_conflicts(spec.optimizations)
     batch = request.batch_size
     requests = [request.with_(seed=(request.seed + i * batch) % 2**64) for i in range(parsed.n_iter)]
-    parsed.request = request
     return spec, requests, entry
 
 
@@ -56,8 +57,6 @@ def create_app(session, *, app=None):
         raw = await request.body()
         if not raw:
             return {}
-        import json
-
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -86,7 +85,7 @@ def create_app(session, *, app=None):
         except Exception as exc:  # noqa: BLE001 - the server keeps serving; the client learns what failed
             log.exception("generation %s failed", job.id)
             return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": str(exc)})
-        return a1111.response(results, spec, parsed, model_title=entry.title)
+        return a1111.response(results, spec, parsed, requests[0], model_title=entry.title)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):

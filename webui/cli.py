@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
+from ..optim.bench.processes import LOOPBACK
 from ..optim.spec.errors import SDAccelError
 
 log = logging.getLogger(__name__)
-LOOPBACK = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,6 @@ def build_job(session, form: dict):
     checkpoint = form.get(("model", "checkpoint"))
     if not checkpoint:
         raise ConfigError("Checkpoint", "none selected", "pick a checkpoint (or put one into the models folder)")
-    entry = session.catalog.find(checkpoint, field="Checkpoint")
     configs = []
     for kind, cls in optimization_classes().items():
         if not form.get(("opt", kind, "enabled")):
@@ -46,10 +45,8 @@ def build_job(session, form: dict):
                   if ("opt", kind, info.name) in form}
         configs.append(cls(**values))
     check_conflicts(configs)
-    model = ModelRef(path=entry.path, family=form.get(("model", "family")) or session.family)
-    from ..optim.spec.pipeline import PipelineSpec
-
-    spec = PipelineSpec(model=model, device=session.device, optimizations=tuple(configs))
+    spec, entry = session.spec(configs, checkpoint=checkpoint, family=form.get(("model", "family")) or None,
+                               field="Checkpoint")
     refiner = form.get(("refiner", "checkpoint"))
     if refiner and refiner != NO_REFINER:
         refiner_entry = session.catalog.find(refiner, field="Refiner")

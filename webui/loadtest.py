@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from ..optim.bench.processes import LOOPBACK, free_port, stop_process, wait_for_http
 
 
 @dataclass
@@ -38,12 +37,6 @@ class LoadSettings:
     steps: int = 2
     seeds: int = 10  # the burst cycles through this many seeds, each checked against its reference image
     checkpoint: str = "synthetic-tiny:sd15"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
@@ -63,19 +56,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the web UI server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/sdapi/v1/options", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the web UI server did not answer within {timeout:.0f} s; see {self.log_path}")
+        wait_for_http(self.url + "/sdapi/v1/options", self.proc, timeout, name="the web UI server",
+                      detail=lambda: f"; see {self.log_path}")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -84,12 +66,7 @@ class ServerProcess:
         return float("nan")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
+        stop_process(self.proc, 30)
         self._log.close()
 
 

@@ -18,8 +18,10 @@ def build_app(session, *, ui: bool = True):
         from .blocks import build_blocks
 
         blocks = build_blocks(session)
-        blocks.queue(default_concurrency_limit=4) if _accepts(blocks.queue, "default_concurrency_limit") \
-            else blocks.queue()
+        if _accepts(blocks.queue, "default_concurrency_limit"):  # gradio 4+; 3.x queues without the option
+            blocks.queue(default_concurrency_limit=4)
+        else:
+            blocks.queue()
         app = gr.mount_gradio_app(app, blocks, path="/")
     return app
 

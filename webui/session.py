@@ -42,13 +42,14 @@ class WebSession:
             self._selected = entry
         return entry
 
-    def spec(self, optimizations=(), *, checkpoint: str | None = None, family: str | None = None):
-        """The PipelineSpec for the selected (or the named) checkpoint with `optimizations`."""
+    def spec(self, optimizations=(), *, checkpoint: str | None = None, family: str | None = None,
+             field: str = "override_settings.sd_model_checkpoint"):
+        """(PipelineSpec, entry) for the selected checkpoint, or the one named `checkpoint` (an unknown name is a
+        ConfigError naming `field`), with `optimizations`."""
         from ..optim.spec.model_ref import ModelRef
         from ..optim.spec.pipeline import PipelineSpec
 
-        entry = self.catalog.find(checkpoint, field="override_settings.sd_model_checkpoint") if checkpoint \
-            else self.selected
+        entry = self.catalog.find(checkpoint, field=field) if checkpoint else self.selected
         model = ModelRef(path=entry.path, family=family or self.family)
         return PipelineSpec(model=model, device=self.device, optimizations=tuple(optimizations)), entry
 

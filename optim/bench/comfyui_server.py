@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,18 +17,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .processes import free_port, stop_process
+
 START_TIMEOUT_S, RUN_TIMEOUT_S = 420, 600
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
 class HostError(RuntimeError):
     """The host did not start, rejected a prompt or did not finish it; the message carries its log's tail."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -81,13 +76,7 @@ class ComfyServer:
         return entry, time.perf_counter() - start
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=20)
+        stop_process(self.process, 20, signal.SIGINT)
 
 
 def execution_seconds(entry: dict) -> float:

@@ -59,3 +59,16 @@ class NativeWinograd:
     def release(self) -> None:
         if self.hooked is not None:
             self.hooked.drop()
+
+
+def winograd_summary(counters: dict) -> list[str]:
+    """What a run's Winograd hooks did, as the lines a host adapter shows (node badge, console)."""
+    if "winograd_layers" not in counters:
+        return []
+    lines = [f"{counters.get('winograd_winograd_calls', 0)} Winograd and {counters.get('winograd_conv2d_calls', 0)} "
+             f"F.conv2d calls over {counters['winograd_layers']} convolutions; "
+             f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"]
+    if counters.get("winograd_calibrated_shapes"):
+        lines.append(f"measured {counters['winograd_calibrated_shapes']} new convolution shapes on this CPU in "
+                     f"{counters.get('winograd_calibration_s', 0):.1f} s (once; kept for next time)")
+    return lines
