@@ -19,15 +19,19 @@ from .winograd import (
     filter_bytes,
     filter_transform,
     is_eligible,
+    native_conv2d,
     pack_filters,
     release_workspaces,
     thread_workspace,
     winograd_conv2d,
 )
 
-# What to run for an input: ("conv2d", 0, 0) or ("winograd", tile m, band tiles (0 = whole image)).
-# A planner is called as planner(layer, x) for the input tensor x; one with a true `fused` attribute has
-# chosen with the compiled transforms (cpukernels/fused.py), which the layer then runs.
+# What to run for an input: ("conv2d", 0, 0), ("winograd", tile m, band tiles (0 = whole image)) for the PyTorch
+# Winograd, or ("native", tile m, block) for the native kernel (block > 0: blocks of that many output tiles; < 0:
+# chunks of -block output channels). A planner is called as planner(layer, x) for the input tensor x; one with a
+# true `fused` attribute has chosen with the compiled transforms (cpukernels/fused.py), which the layer then runs.
+# A native layer runs with its transformed filters kept when it holds room for them (`reserve`), else with the
+# filters transformed inside each call from the weight of that call.
 Choice = tuple[str, int, int]
 Planner = Callable[["WinogradConv2d", torch.Tensor], Choice]
 
@@ -113,6 +117,20 @@ class _Filters:
             self.by_tile[m] = (_Stamp(source, used), kept, packed)
         return u, packed
 
+    def native(self, m: int, source: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """The native kernel's filters for tile m when this layer holds room for them, else the weight `used`
+        itself (transformed on the fly inside the call). Remade once `source` is replaced or changed in place."""
+        if m not in self.reserved:
+            return used.detach()
+        entry = self.by_tile.get(m)
+        if entry is not None and entry[0].matches(source, used):
+            return entry[1]
+        from .native import native_ops
+
+        u = native_ops(build=False).transform_filters(used.detach().float(), m, False)
+        self.by_tile[m] = (_Stamp(source, used), u, None)
+        return u
+
     def drop(self) -> None:
         for nbytes in self.reserved.values():
             self.cache.release(nbytes)
@@ -160,6 +178,10 @@ class WinogradConv2d(torch.nn.Conv2d):
             self.calls["conv2d"] += 1
             return self._conv_forward(x, self.weight, self.bias)
         kind, m, band = self.planner(self, x)
+        if kind == "native":
+            self.calls["winograd"] += 1
+            return native_conv2d(x, self._filters.native(m, self.weight, self.weight), self.bias, m=m,
+                                 padding=self.pad, block=band)
         if kind != "winograd":
             self.calls["conv2d"] += 1
             return self._conv_forward(x, self.weight, self.bias)
@@ -261,6 +283,10 @@ class WinogradHook:
             return self._host_forward(x)
         weight, bias = used
         kind, m, band = self.planner(self, x)
+        if kind == "native":
+            self.calls["winograd"] += 1
+            return native_conv2d(x, self._filters.native(m, conv.weight, weight), bias, m=m, padding=self.pad,
+                                 block=band)
         if kind != "winograd":
             self.calls["conv2d"] += 1
             return conv._conv_forward(x, weight, bias)

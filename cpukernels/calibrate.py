@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .paths import default_cache_dir
 from .winograd import Workspace, filter_transform, mkldnn_linear_available, pack_filters, winograd_conv2d
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,6 @@ DEFAULT_TILES = (2, 4)  # eager transforms: F(6,3)'s larger transforms cost more
 DEFAULT_BANDS = (0, 1, 2, 4, 8)
 FUSED_TILES = (2, 4, 6)  # compiled transforms (cpukernels/fused.py): F(6,3) wins on the large maps
 FUSED_BANDS = (0, 2, 4, 8, 16)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("SDACCEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdaccel")
-    return Path(base)
 
 
 def machine_key() -> str:
@@ -57,9 +53,9 @@ def machine_key() -> str:
 
 
 def shape_key(n: int, c: int, k: int, h: int, w: int, pad: int, dtype: torch.dtype, device: torch.device, *,
-              channels_last: bool = False, fused: bool = False) -> str:
+              channels_last: bool = False, fused: bool = False, native: bool = False) -> str:
     """One calibration entry: the shape, its memory layout, and the engines that would run it."""
-    engine = ("onednn" if mkldnn_linear_available() else "bmm") + ("-fused" if fused else "")
+    engine = "native" if native else ("onednn" if mkldnn_linear_available() else "bmm") + ("-fused" if fused else "")
     layout = "-nhwc" if channels_last else ""
     return (f"n{n}-c{c}-k{k}-h{h}-w{w}-p{pad}-{str(dtype).replace('torch.', '')}-{torch.device(device).type}"
             f"{layout}-{engine}")
@@ -104,9 +100,19 @@ def _times(fn, count: int, before=None) -> list[float]:
 SCREEN = 1.15  # candidates whose first timing is within 15% of the fastest are timed again
 
 
+def _example(n, c, k, h, w, dtype, device, seed: int, channels_last: bool):
+    """A random input, weight (scaled like a trained layer's) and zero bias for timing one shape."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)).to(device, dtype)
+    return x, weight, torch.zeros(k, dtype=dtype, device=device)
+
+
 def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tiles=DEFAULT_TILES,
                   bands=DEFAULT_BANDS, repeats: int = 3, seed: int = 0, channels_last: bool = False,
-                  fused: bool = False, progress=None) -> dict:
+                  fused: bool = False, native: bool = False, progress=None) -> dict:
     """Time F.conv2d against the Winograd tile/band candidates for one shape (in the given memory layout, with
     the eager or the compiled transforms); return the timings (seconds per call, by candidate).
 
@@ -119,13 +125,13 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
 
     `progress(done, total)`, if given, is called before each candidate; it may raise (an interrupt) to stop:
     nothing of this shape is then kept.
+
+    `native`: the candidates are the native kernel's (cpukernels/native.py) instead, see `_measure_native`.
     """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=g).to(device, dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)).to(device, dtype)
-    bias = torch.zeros(k, dtype=dtype, device=device)
+    if native:
+        return _measure_native(n, c, k, h, w, pad, dtype, device, repeats=repeats, seed=seed,
+                               channels_last=channels_last, progress=progress)
+    x, weight, bias = _example(n, c, k, h, w, dtype, device, seed, channels_last)
 
     def cold_weights() -> None:  # as in a model: the input was just written, the weights were not
         if x.device.type == "cpu":
@@ -172,6 +178,96 @@ def measure_shape(n, c, k, h, w, pad, dtype=torch.float32, device="cpu", *, tile
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+# The native kernel's candidates: tile m, and how the work is split: blocks of T output tiles ("t", large maps) or
+# chunks of Kc output channels over all tiles ("k", small maps with large filters). Timed with the filters
+# transformed inside the call ("on the fly", what runs when no memory is set aside for them); each tile's fastest
+# is then also timed with stored filters (suffix "s"), which tells the filter budget what keeping them would save
+# (on small maps a smaller tile's kept filters can beat a larger tile on the fly; on the largest layers, where the
+# products wait on memory, streaming the weight once beats reading the larger transformed filters).
+NATIVE_SPLITS = (("t", 32), ("k", 32))
+BY_CHANNELS_MAX_BYTES = 64 * 2**20  # the by-channels split's transformed input of every tile, at most
+NATIVE_REFINE = {"t": (16, 64), "k": (16, 64)}
+
+
+def native_tiles(ho: int, wo: int) -> tuple[int, ...]:
+    """Tiles worth timing for an output map: F(2,3) only pays on small maps (its filters are the smallest to
+    stream), F(6,3) only on large ones (its transforms are the most expensive per output)."""
+    side = min(ho, wo)
+    if side <= 16:
+        return (2, 4)
+    if side < 64:
+        return (4,)
+    return (4, 6)
+
+
+def native_name(m: int, split: str, block: int, stored: bool = False) -> str:
+    return f"n{m}{split}{block}" + ("s" if stored else "")
+
+
+def _measure_native(n, c, k, h, w, pad, dtype, device, *, repeats: int, seed: int, channels_last: bool,
+                    progress) -> dict:
+    from .native import native_ops, release_scratch
+
+    ops = native_ops()
+    x, weight, bias = _example(n, c, k, h, w, dtype, device, seed, channels_last)
+    ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
+    tiles = native_tiles(ho, wo)
+
+    def cold_weights() -> None:
+        flush_caches()
+        x.add_(0.0)
+
+    def call(m: int, split: str, block: int, filters):
+        return lambda: ops.conv2d(x, filters, bias, m, pad, block, False, split == "k")
+
+    samples: dict[str, list[float]] = {}
+    calls: dict[str, object] = {}
+    total = 1 + len(tiles) * len(NATIVE_SPLITS) + 2 + len(tiles)
+
+    def screen(name: str, fn) -> None:
+        if progress is not None:
+            progress(len(samples), total)
+        calls[name] = fn
+        samples[name] = _times(fn, 2, cold_weights)[1:]
+
+    def splits(m: int):
+        """The by-channels split holds every tile's transformed input at once: only for maps where that is small."""
+        tiles_all = n * -(-ho // m) * -(-wo // m)
+        fits = (m + 2) ** 2 * tiles_all * c * 4 <= BY_CHANNELS_MAX_BYTES
+        return [(split, block) for split, block in NATIVE_SPLITS if split == "t" or fits]
+
+    with torch.inference_mode():
+        screen("conv2d", lambda: F.conv2d(x, weight, bias, padding=pad))
+        for m in tiles:
+            for split, block in splits(m):
+                screen(native_name(m, split, block), call(m, split, block, weight))
+        best = min((t[0], name) for name, t in samples.items() if name != "conv2d")[1]
+        m, split, block = parse_native(best)
+        for other in NATIVE_REFINE[split]:
+            screen(native_name(m, split, other), call(m, split, other, weight))
+        for m in tiles:  # each tile's best split, with its filters kept: what the filter budget can buy
+            best = min((t[0], name) for name, t in samples.items() if name != "conv2d" and name[1] == str(m))[1]
+            _, split, block = parse_native(best)
+            stored = ops.transform_filters(weight, m, False)
+            screen(native_name(m, split, block, stored=True), call(m, split, block, stored))
+        fastest = min(times[0] for times in samples.values())
+        for name, times in samples.items():
+            if name == "conv2d" or times[0] <= fastest * SCREEN:
+                times.extend(_times(calls[name], repeats - 1, cold_weights))
+    release_scratch()  # the candidates' scratch is not what the chosen one will hold
+    if progress is not None:
+        progress(total, total)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def parse_native(name: str) -> tuple[int, str, int] | None:
+    """(tile m, split "t"/"k", block) of a native timing entry n{m}{split}{block}[s]; None for others."""
+    if len(name) < 4 or name[0] != "n" or name[2] not in "tk" or not name[1].isdigit():
+        return None
+    digits = name[3:].rstrip("s")
+    return (int(name[1]), name[2], int(digits)) if digits.isdigit() else None
+
+
 def parse_candidate(name: str) -> tuple[int, int] | None:
     """(tile m, band) of a Winograd timing entry named f{m}b{band}; None for F.conv2d and other entries."""
     if not name.startswith("f") or name.startswith("filter"):
@@ -181,12 +277,39 @@ def parse_candidate(name: str) -> tuple[int, int] | None:
 
 def ranked_choices(timings: dict) -> list[tuple[str, int, int]]:
     """Winograd candidates within the margin of F.conv2d, fastest first (ties in measurement order), then
-    ("conv2d", 0, 0): a layer whose filters find no room takes the next one."""
+    ("conv2d", 0, 0): a layer whose filters find no room takes the next one. Native candidates come as
+    ("native", m, block) with block > 0 for T tiles per work item and block < 0 for -Kc channels per work item,
+    ranked by their time with the filters transformed on the fly (which needs no room)."""
     base = timings["conv2d"]
-    fast = [(t, tile_band) for name, t in timings.items()
-            if (tile_band := parse_candidate(name)) is not None and t <= base * MARGIN]
+    fast = []
+    for name, t in timings.items():
+        if t > base * MARGIN:
+            continue
+        tile_band = parse_candidate(name)
+        native = parse_native(name)
+        if tile_band is not None:
+            fast.append((t, ("winograd", *tile_band)))
+        elif native is not None and not name.endswith("s"):
+            m, split, block = native
+            fast.append((t, ("native", m, block if split == "t" else -block)))
     fast.sort(key=lambda item: item[0])
-    return [("winograd", m, band) for _, (m, band) in fast] + [("conv2d", 0, 0)]
+    return [choice for _, choice in fast] + [("conv2d", 0, 0)]
+
+
+def stored_alternative(timings: dict, choice: tuple[str, int, int]) -> tuple[float, tuple[str, int, int]] | None:
+    """(seconds per call saved, the native choice to run) when a layer keeps its filters instead of running
+    `choice` with them transformed on the fly; None when keeping them saves nothing (or was not measured)."""
+    kind, m, block = choice
+    if kind != "native":
+        return None
+    current = timings.get(native_name(m, "t" if block > 0 else "k", abs(block)))
+    kept = [(t, parse_native(name)) for name, t in timings.items() if name.endswith("s") and parse_native(name)]
+    if current is None or not kept:
+        return None
+    t, (km, split, kblock) = min(kept)
+    if t >= current:
+        return None
+    return current - t, ("native", km, kblock if split == "t" else -kblock)
 
 
 def best_choice(timings: dict) -> tuple[str, int, int]:
@@ -197,11 +320,14 @@ def best_choice(timings: dict) -> tuple[str, int, int]:
 class Calibration:
     """The per-machine table of measured choices, loaded from and saved to disk."""
 
-    def __init__(self, folder: Path | None = None, *, tiles=None, bands=None, repeats: int = 3, fused: bool = False):
-        """`fused`: measure (and later run) the compiled transforms; the caller checks `fused_transforms_work()`."""
+    def __init__(self, folder: Path | None = None, *, tiles=None, bands=None, repeats: int = 3, fused: bool = False,
+                 native: bool = False):
+        """`fused`: measure (and later run) the compiled transforms; the caller checks `fused_transforms_work()`.
+        `native`: measure the native kernel's candidates; the caller checks `native.native_ops()`."""
         self.folder = Path(folder) if folder else default_cache_dir()
         self.path = self.folder / f"winograd-{machine_key()}.json"
         self.fused = fused
+        self.native = native
         self.tiles = tuple(tiles or (FUSED_TILES if fused else DEFAULT_TILES))
         self.bands = tuple(bands or (FUSED_BANDS if fused else DEFAULT_BANDS))
         self.repeats = repeats
@@ -242,19 +368,20 @@ class Calibration:
     def known(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> bool:
         """Whether this shape is already measured (asking for its timings then costs nothing)."""
         return shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last,
-                         fused=self.fused) in self.table
+                         fused=self.fused, native=self.native) in self.table
 
     def timings(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False, progress=None) -> dict:
         """The shape's timings, measured now if this machine has not measured it (`progress` as in
         `measure_shape`: an exception it raises stops the measurement and keeps nothing of it)."""
-        key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused)
+        key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused,
+                        native=self.native)
         with self._lock:
             entry = self.table.get(key)
             if entry is None:
                 start = time.perf_counter()
                 entry = measure_shape(n, c, k, h, w, pad, dtype, device, tiles=self.tiles, bands=self.bands,
                                       repeats=self.repeats, channels_last=channels_last, fused=self.fused,
-                                      progress=progress)
+                                      native=self.native, progress=progress)
                 seconds = time.perf_counter() - start
                 self.measured_s += seconds
                 self.measured_shapes += 1

@@ -249,9 +249,23 @@ def workspace_bytes() -> int:
 
 
 def release_workspaces() -> None:
-    """Give every thread's scratch buffers back (when the last Winograd patch is removed)."""
+    """Give every thread's scratch buffers back, the native kernel's included (when the last Winograd patch is
+    removed)."""
+    from .native import release_scratch
+
     for ws in list(_ALL_WORKSPACES):
         ws.clear()
+    release_scratch()
+
+
+def native_conv2d(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, *, m: int, padding: int,
+                  block: int) -> torch.Tensor:
+    """The native kernel (cpukernels/native.py; the caller has loaded it) on x with `filters`: its transformed
+    filters for tile m, or the layer's fp32 weight to transform inside the call. `block` > 0: work items of that
+    many output tiles; < 0: of -block output channels over every tile."""
+    from .native import native_ops
+
+    return native_ops(build=False).conv2d(x, filters, bias, m, padding, abs(block), False, block < 0)
 
 
 def _bands(tiles_h: int, band: int) -> list[tuple[int, int]]:

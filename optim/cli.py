@@ -136,6 +136,17 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-engine", action="store_true", help="bench comfyui: skip the engine's side")
     bench.add_argument("--eager-transforms", action="store_true",
                        help="bench winograd: the eager PyTorch transforms instead of the compiled ones")
+    bench.add_argument("--winograd-kernel", default="auto", choices=("auto", "pytorch"),
+                       help="bench winograd: the native kernel where it builds (auto) or the PyTorch Winograd")
+    bench.add_argument("--optimum", action="store_true",
+                       help="also run optimum-intel's OpenVINO pipeline (fp32 and its default precision) on the same "
+                            "weights, side by side (needs optimum-intel, here or in --optimum-python)")
+    bench.add_argument("--optimum-python", default=None,
+                       help="the Python of a venv with optimum-intel installed (for --optimum)")
+    bench.add_argument("--compare-pytorch", action="store_true",
+                       help="bench winograd: also time the whole modules with the PyTorch Winograd, same process")
+    bench.add_argument("--filter-cache-mb", type=int, default=0,
+                       help="bench winograd: memory for kept transformed filters (0: the unit's automatic budget)")
     return parser
 
 
@@ -237,7 +248,8 @@ def cmd_bench(args) -> int:
 
         report = run_winograd_bench(args.family or "sd15", args.size, repeats=args.repeats,
                                     channels_last=args.channels_last,
-                                    fused_transforms=not args.eager_transforms,
+                                    fused_transforms=not args.eager_transforms, kernel=args.winograd_kernel,
+                                    filter_cache_mb=args.filter_cache_mb, compare_pytorch=args.compare_pytorch,
                                     modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
         print(format_winograd_table(report))
         if args.json:
@@ -248,9 +260,15 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(family=args.family, size=args.size, steps=args.steps,
                              presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
                              checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                             seed=args.seed, cfg=args.cfg, scheduler=args.scheduler, refiner=args.refiner)
+                             seed=args.seed, cfg=args.cfg, scheduler=args.scheduler, refiner=args.refiner,
+                             optimum=args.optimum, optimum_python=args.optimum_python)
     for name in settings.presets:  # fail on a typo before loading anything
         resolve_preset(name)
+    if args.optimum_python and not args.optimum:
+        raise ConfigError("--optimum-python", "only applies with --optimum", "add --optimum or drop it")
+    if args.optimum_python and not (Path(args.optimum_python).is_file() and os.access(args.optimum_python, os.X_OK)):
+        raise ConfigError("--optimum-python", f"{args.optimum_python} is not an executable Python",
+                          "give the python of a venv with optimum-intel installed (VENV/bin/python)")
     report = run_bench(settings)
     print(format_table(report))
     if args.json:

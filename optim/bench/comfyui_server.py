@@ -104,7 +104,12 @@ def launch(checkout: Path, python: str, base: Path, *, pack: Path = PACK_ROOT, e
     if not link.exists():
         link.symlink_to(pack, target_is_directory=True)
     port = free_port()
-    environment = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"), "HF_HUB_OFFLINE": "1",
+    from ...cpukernels.paths import native_build_root
+
+    # a fresh cache folder (calibration) per server, but one build of the native kernel per machine and torch: the
+    # server finds the builds this process would use (about 2.5 minutes each to make on 2 cores)
+    environment = {**os.environ, "SDACCEL_CACHE_DIR": str(base / "sdaccel-cache"),
+                   "SDACCEL_NATIVE_DIR": str(native_build_root()), "HF_HUB_OFFLINE": "1",
                    "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     environment.pop("PYTHONPATH", None)
     log = base / "server.log"

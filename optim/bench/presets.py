@@ -116,6 +116,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            (("compile", {"backend": "inductor", "freezing": True}),)),
     Preset("compile-openvino", "UNet converted to OpenVINO and compiled for the CPU (fp32); the first run pauses to "
            "convert (compile_s, ~1-2 min for a full UNet)", (("compile", {"backend": "openvino"}),)),
+    Preset("openvino-native", "UNet and VAE decoder converted to OpenVINO in the precision it picks for this CPU (bf16 "
+           "with AVX512-BF16 or AMX, else fp32): the configuration of optimum-intel's default pipeline; lossy where "
+           "it picks bf16",
+           (("compile", {"backend": "openvino", "targets": "unet+vae", "openvino_precision": "auto"}),)),
 )}
 
 

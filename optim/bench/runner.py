@@ -28,6 +28,7 @@ from ..spec.pipeline import GenerationRequest, PipelineSpec
 from ..testing import enable_synthetic
 from .metrics import psnr_db, ssim
 from .presets import resolve_preset
+from .roofline import machine_peaks, model_flops, roofline_columns
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class BenchSettings:
     scheduler: str = "auto"
     prompt: str = DEFAULT_PROMPT
     refiner: str | None = None  # refiner checkpoint for the ensemble preset (random weights when absent)
+    optimum: bool = False  # add optimum-intel's OpenVINO pipeline on the same weights (optim/bench/peer_optimum.py)
+    optimum_python: str | None = None  # the Python that has optimum-intel (default: this one)
 
 
 def _row_for(preset_name: str, results: list, prepare_s: float, warmups: list) -> dict:
@@ -75,6 +78,17 @@ def _row_for(preset_name: str, results: list, prepare_s: float, warmups: list) -
             "repeats": len(results), "runs_s": [round(t, 4) for t in times], "steps": last.steps,
             "optimizations": last.optimizations, "dtypes": last.dtypes, "mem_kind": last.mem_kind,
             "notes": last.notes, "counters": last.counters}
+
+
+def _roofline_inputs(pipe, size: int, say) -> tuple[dict, dict]:
+    """(FLOPs of one UNet sample and one VAE decode, this machine's fp32/bf16 peaks); empty where not countable."""
+    try:
+        flops = model_flops(pipe, size)
+        peaks = machine_peaks() if next(pipe.unet.parameters()).device.type == "cpu" else {}
+    except Exception as exc:  # noqa: BLE001 - the column is an extra: a model the counter cannot take just lacks it
+        say(f"[note] no roofline column: {type(exc).__name__}: {exc}")
+        return {}, {}
+    return flops, peaks
 
 
 def _run_preset(preset, spec, request, cache, refiner_spec, *, strict=True):
@@ -123,6 +137,7 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
     device = resolve_device(settings.device)
     rows: list[dict] = []
     reference = None
+    roofline = None  # (model FLOPs, machine peaks), taken at the first timed row
     prepared_family = None
     for name in settings.presets:
         preset = resolve_preset(name)
@@ -158,17 +173,35 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
             results.append(result)
             say(f"       run {i + 1}/{settings.repeats}: {result.stats.total_s:.2f}s")
         row = _row_for(name, results, prepare_s, warmups)
+        if roofline is None:
+            roofline = _roofline_inputs(cache.prepare(base_spec, strict=True).pipe, settings.size, say)
+        if roofline[0]:
+            row["roofline"] = roofline_columns(row, [r.stats for r in results], *roofline)
         if name == "baseline":
             reference = results[-1].images_tensor
         else:
             _fidelity(row, results[-1].images_tensor, reference)
         rows.append(row)
+    if settings.optimum:
+        from ..run.sampler import _plan
+        from .peer_optimum import run_optimum_rows
+
+        prepared = cache.prepare(base_spec, strict=True)
+        if reference is None:
+            say("[ref ] baseline image for the fidelity columns (untimed)")
+            reference = run(base_spec, base_request, cache=cache, strict=True).images_tensor
+        rows.extend(run_optimum_rows(prepared, _plan(base_request, prepared.family), settings, reference,
+                                     python=settings.optimum_python, say=say))
     timed = [r for r in rows if "median_s" in r]
     if timed:
         ref = timed[0]["median_s"]
         for r in timed:
             r["speedup"] = round(ref / r["median_s"], 3) if r["median_s"] else None
-    return {"machine": machine_summary(), "device": str(device),
+    if roofline and roofline[1]:
+        machine = {**machine_summary(), "peaks": roofline[1], "model_flops": roofline[0]}
+    else:
+        machine = machine_summary()
+    return {"machine": machine, "device": str(device),
             "settings": {**settings.__dict__, "family": prepared_family or settings.family},
             "model": model.to_dict(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
@@ -177,7 +210,7 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
 def format_table(report: dict) -> str:
     """A fixed-width table of the rows, speedups against the first timed row."""
     header = (f"{'preset':<26} {'median s':>9} {'min s':>8} {'max s':>8} {'speedup':>8} {'peak MB':>8} "
-              f"{'PSNR dB':>8} {'SSIM':>6} {'unet':>5} {'compile s':>9}")
+              f"{'PSNR dB':>8} {'SSIM':>6} {'unet':>5} {'compile s':>9} {'UNet GF/s':>9} {'VAE GF/s':>9}")
     lines = [header, "-" * len(header)]
     for r in report["rows"]:
         if "skipped" in r:
@@ -187,14 +220,25 @@ def format_table(report: dict) -> str:
         ssim_text = "-" if r["ssim"] is None else f"{r['ssim']:.3f}"
         lines.append(f"{r['preset']:<26} {r['median_s']:>9.3f} {r['min_s']:>8.3f} {r['max_s']:>8.3f} "
                      f"{(r['speedup'] or 0):>7.2f}x {r['peak_mem_mb']:>8.0f} {psnr:>8} {ssim_text:>6} "
-                     f"{r['unet_calls']:>5} {r['compile_s']:>9.1f}")
+                     f"{r['unet_calls']:>5} {r['compile_s']:>9.1f} {_rate(r, 'unet'):>9} {_rate(r, 'vae'):>9}")
     s = report["settings"]
     m = report["machine"]
+    if m.get("peaks"):
+        peaks = ", ".join(f"{k} {v['peak_gflops']:.0f}" for k, v in m["peaks"].items())
+        lines.append(f"GF/s: effective GFLOP/s (the full models' work over the stage's time: a row that skips work can "
+                     f"beat the peak); this machine's peaks (GFLOP/s): {peaks}; one UNet sample "
+                     f"{m['model_flops']['unet_sample'] / 1e9:.0f} GFLOP, one VAE decode "
+                     f"{m['model_flops']['vae_decode'] / 1e9:.0f} GFLOP")
     lines.append(f"{s['family']} {s['size']}x{s['size']} {s['steps']} steps batch {s['batch_size']}, "
                  f"{s['repeats']} repeats after {s['warmup']} warm-up; {report['device']}: {m.get('cpu')} "
                  f"({m.get('torch_threads')} threads), torch {m.get('torch')}. Time = text encode + denoise + "
                  f"decode; PSNR/SSIM against the baseline image of the same seed")
     return "\n".join(lines)
+
+
+def _rate(row: dict, part: str) -> str:
+    entry = row.get("roofline", {}).get(part)
+    return "-" if entry is None else f"{entry['gflops']:.0f}"
 
 
 def write_chart(report: dict, path) -> Path:

@@ -43,9 +43,11 @@ def collect_shapes(module: torch.nn.Module, call: Callable[[], object]) -> Count
     return seen
 
 
-def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, channels_last: bool = False) -> float:
-    """max |winograd - conv2d| / max |conv2d| on random data for one shape and tile, run as the unit runs it."""
-    from ...cpukernels.winograd import filter_transform, pack_filters, winograd_conv2d
+def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, channels_last: bool = False,
+             native_block: int = 0) -> float:
+    """max |winograd - conv2d| / max |conv2d| on random data for one shape and tile, run as the unit runs it
+    (`native_block` != 0: the native kernel with that block)."""
+    from ...cpukernels.winograd import filter_transform, native_conv2d, pack_filters, winograd_conv2d
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
@@ -55,8 +57,11 @@ def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, 
     bias = torch.randn(k, generator=g) * 0.1
     with torch.inference_mode():
         ref = F.conv2d(x, weight, bias, padding=pad)
-        u = filter_transform(weight, m)
-        out = winograd_conv2d(x, u, bias, m=m, padding=pad, packed=pack_filters(u, 64), fused=fused)
+        if native_block:
+            out = native_conv2d(x, weight, bias, m=m, padding=pad, block=native_block)
+        else:
+            u = filter_transform(weight, m)
+            out = winograd_conv2d(x, u, bias, m=m, padding=pad, packed=pack_filters(u, 64), fused=fused)
     return float((out - ref).abs().max() / ref.abs().max())
 
 
@@ -70,25 +75,79 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _choice_label(kind: str, m: int, band: int) -> str:
+    if kind == "winograd":
+        return f"F({m},3)" + (f" band {band}" if band else "")
+    if kind == "native":
+        return f"F({m},3) " + (f"{band} tiles" if band > 0 else f"{-band} ch")
+    return "conv2d"
+
+
 def _shape_rows(shapes: Counter, calibration, section: str, channels_last: bool = False) -> list[dict]:
-    from ...cpukernels.calibrate import best_choice, parse_candidate
+    from ...cpukernels.calibrate import native_name, parse_candidate, parse_native, ranked_choices, stored_alternative
 
     rows = []
     for (n, c, k, h, w, pad), count in sorted(shapes.items(), key=lambda kv: (-kv[0][3], kv[0][1])):
         timings = calibration.timings(n, c, k, h, w, pad, torch.float32, torch.device("cpu"), channels_last)
-        kind, m, band = best_choice(timings)
+        choice = ranked_choices(timings)[0]
+        kind, m, band = choice
         conv_ms = timings["conv2d"] * 1e3
-        chosen_ms = conv_ms if kind == "conv2d" else timings[f"f{m}b{band}"] * 1e3
-        best_wino = min((v, name) for name, v in timings.items() if parse_candidate(name) is not None)
-        err_tile = m if kind == "winograd" else parse_candidate(best_wino[1])[0]
+        if kind == "native":
+            chosen_ms = timings[native_name(m, "t" if band > 0 else "k", abs(band))] * 1e3
+        else:
+            chosen_ms = conv_ms if kind == "conv2d" else timings[f"f{m}b{band}"] * 1e3
+        candidates = [(v, name) for name, v in timings.items()
+                      if parse_candidate(name) is not None or (parse_native(name) and not name.endswith("s"))]
+        best_wino = min(candidates)
+        if kind == "conv2d":  # the error the best Winograd candidate would have had
+            if parse_native(best_wino[1]):
+                bm, split, block = parse_native(best_wino[1])
+                err_m, err_block = bm, block if split == "t" else -block
+            else:
+                err_m, err_block = parse_candidate(best_wino[1])[0], 0
+        else:
+            err_m, err_block = m, band if kind == "native" else 0
         rows.append({"section": section, "shape": f"N{n} C{c} {h}x{w} -> K{k}", "n": n, "c": c, "k": k, "h": h,
                      "w": w, "padding": pad, "count": count, "conv2d_ms": round(conv_ms, 3),
                      "winograd_ms": round(chosen_ms, 3), "best_winograd_ms": round(best_wino[0] * 1e3, 3),
-                     "tile": f"F({m},3)" + (f" band {band}" if band else "") if kind == "winograd" else "conv2d",
-                     "speedup": round(conv_ms / chosen_ms, 3),
-                     "max_rel_err": _rel_err(n, c, k, h, w, pad, err_tile, fused=calibration.fused,
-                                             channels_last=channels_last)})
+                     "kept_filters_save_ms": round((stored_alternative(timings, choice) or (0.0,))[0] * 1e3, 3),
+                     "tile": _choice_label(kind, m, band), "speedup": round(conv_ms / chosen_ms, 3),
+                     "max_rel_err": _rel_err(n, c, k, h, w, pad, err_m, fused=calibration.fused,
+                                             channels_last=channels_last, native_block=err_block)})
     return rows
+
+
+def _scratch_bytes() -> int:
+    from ...cpukernels.native import scratch_bytes
+    from ...cpukernels.winograd import workspace_bytes
+
+    return scratch_bytes() + workspace_bytes()
+
+
+def _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir, fused_transforms, fam, say) -> dict:
+    """The same whole modules with the PyTorch Winograd (its own calibration and automatic filter budget), in the
+    same process, for the side-by-side comparison."""
+    from ..core.registry import ApplyContext, apply_all, remove_all
+    from ..units.winograd.unit import WinogradConfig
+
+    say("timing the whole modules with the PyTorch Winograd ...")
+    handles = apply_all(holder, [WinogradConfig(unet="unet" in sections, vae="vae_decoder" in sections,
+                                                calibration_dir=calibration_dir or "",
+                                                fused_transforms=fused_transforms, kernel="pytorch")],
+                        ApplyContext(device=torch.device("cpu"), family=fam))
+    found: dict = {}
+    try:
+        for name, (_, call, _, whole_key) in sections.items():
+            call()  # measures its shapes the first time
+            timed = _median_time(call, repeats)
+            found[f"{whole_key}_s"] = round(timed, 3)
+            found[f"{whole_key}_speedup"] = round(plain[name] / timed, 3)
+        patched = handles[0].info["patched"]
+        found["filter_cache_mb"] = round(patched[0].cache.peak / 2**20, 1) if patched else 0.0
+        found["scratch_mb"] = round(_scratch_bytes() / 2**20, 1)
+    finally:
+        remove_all(handles)
+    return found
 
 
 def _summed(rows, section: str) -> float:
@@ -100,7 +159,8 @@ def _summed(rows, section: str) -> float:
 
 def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 3, batch: int = 2,
                        calibration_dir: str | None = None, tiny: bool = False, channels_last: bool = False,
-                       fused_transforms: bool = True, modules=("unet", "vae_decoder"),
+                       fused_transforms: bool = True, modules=("unet", "vae_decoder"), kernel: str = "auto",
+                       filter_cache_mb: int = 0, compare_pytorch: bool = False,
                        say: Callable[[str], None] = print) -> dict:
     """Measure every UNet and VAE-decoder 3x3 conv shape of `family` at `size`, and the whole modules.
 
@@ -158,8 +218,11 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
     shapes = {name: collect_shapes(module, call) for name, (module, call, _, _) in sections.items()}
     say("; ".join(f"{sum(found.values())} {name} convs in {len(found)} shapes" for name, found in shapes.items())
         + "; measuring each (calibration is cached per machine) ...")
-    fused = fused_transforms and fused_transforms_work()  # as the unit decides
-    calibration = Calibration(calibration_dir, repeats=repeats, fused=fused)
+    from ...cpukernels.native import native_ops
+
+    native = kernel != "pytorch" and native_ops() is not None  # as the unit decides
+    fused = not native and fused_transforms and fused_transforms_work()
+    calibration = Calibration(calibration_dir, repeats=repeats, fused=fused, native=native)
     start = time.perf_counter()
     rows = [row for name, found in shapes.items() for row in _shape_rows(found, calibration, name, channels_last)]
     calibration_s = time.perf_counter() - start
@@ -178,9 +241,11 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
             plain[name] = _median_time(call, repeats)
         handles = apply_all(holder, [WinogradConfig(unet="unet" in sections, vae="vae_decoder" in sections,
                                                     calibration_dir=calibration_dir or "",
-                                                    fused_transforms=fused_transforms)],
+                                                    fused_transforms=fused_transforms, kernel=kernel,
+                                                    filter_cache_mb=filter_cache_mb)],
                             ApplyContext(device=torch.device("cpu"), family=fam))
         try:
+            planner = handles[0].info["planner"]
             for name, (_, call, summed_key, whole_key) in sections.items():
                 out = call()
                 timed = _median_time(call, repeats)
@@ -189,16 +254,31 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
                 summary[f"{whole_key}_s"] = {"conv2d": round(plain[name], 3), "winograd": round(timed, 3)}
                 summary[f"{name.split('_')[0]}_output_rel_err"] = float((out - refs[name]).abs().max()
                                                                          / refs[name].abs().max())
+            if native:  # the runs above transformed every filter on the fly; now with the budget given out
+                kept = planner.allocate_storage()
+                for name, (_, call, _, whole_key) in sections.items():
+                    call()
+                    timed = _median_time(call, repeats)
+                    summary[f"{whole_key}_s"]["winograd_kept_filters"] = round(timed, 3)
+                    summary[f"{whole_key}_speedup_kept_filters"] = round(plain[name] / timed, 3)
+                summary["layers_keeping_filters"] = kept
             cache_mb = handles[0].info["patched"][0].cache.peak / 2**20 if handles[0].info["patched"] else 0.0
+            summary["filter_budget_mb"] = round(handles[0].info["patched"][0].cache.budget / 2**20, 1) \
+                if handles[0].info["patched"] else 0.0
+            summary["scratch_mb"] = round(_scratch_bytes() / 2**20, 1)
         finally:
             remove_all(handles)
+        if native and compare_pytorch:
+            summary["pytorch_kernel"] = _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir,
+                                                             fused_transforms, fam, say)
     summary.update({
         "max_rel_err": max(r["max_rel_err"] for r in rows),
         "min_shape_speedup": min(r["speedup"] for r in rows),
         "filter_cache_mb": round(cache_mb, 1), "calibration_s": round(calibration_s, 1),
     })
     return {"machine": machine_summary(), "family": fam.name, "size": size, "batch": batch, "repeats": repeats,
-            "channels_last": channels_last, "transforms": "compiled" if fused else "eager",
+            "channels_last": channels_last,
+            "transforms": "native kernel" if native else "compiled" if fused else "eager",
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, "summary": summary}
 
 
@@ -218,7 +298,18 @@ def format_winograd_table(report: dict) -> str:
             times = s[f"{whole_key}_s"]
             parts.append(f"{label}: convs summed {s[summed_key]:.2f}x, whole module {s[f'{whole_key}_speedup']:.2f}x "
                          f"({times['conv2d']:.2f}s -> {times['winograd']:.2f}s), output rel err {s[err_key]:.1e}")
+            if "winograd_kept_filters" in times:
+                parts.append(f"{label} with the filter budget given out: {s[f'{whole_key}_speedup_kept_filters']:.2f}x "
+                             f"({times['winograd_kept_filters']:.2f}s)")
+            other = s.get("pytorch_kernel", {})
+            if f"{whole_key}_s" in other:
+                parts.append(f"{label} with the PyTorch Winograd: {other[f'{whole_key}_speedup']:.2f}x "
+                             f"({other[f'{whole_key}_s']:.2f}s)")
     lines.extend(parts)
+    if "pytorch_kernel" in s:
+        lines.append(f"memory held: native {s['filter_cache_mb']:.0f} MB of filters + {s.get('scratch_mb', 0):.0f} MB "
+                     f"scratch; PyTorch Winograd {s['pytorch_kernel']['filter_cache_mb']:.0f} MB of filters + "
+                     f"{s['pytorch_kernel']['scratch_mb']:.0f} MB scratch")
     lines.append(f"max rel err per shape {s['max_rel_err']:.1e}; filter cache {s['filter_cache_mb']:.0f} MB; "
                  f"{report['family']} {report['size']}x{report['size']} batch {report['batch']}, "
                  f"{'NHWC' if report.get('channels_last') else 'NCHW'}, {report.get('transforms', 'eager')} "

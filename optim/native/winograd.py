@@ -31,7 +31,8 @@ class NativeWinograd:
         if self.cache is None:
             # a host loads (and casts) its weights when sampling starts, not when the patch node runs: an
             # automatic budget taken earlier counts memory the model is about to fill
-            self.cache = FilterCache((self.cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)
+            budget_mb = self.cfg.filter_cache_mb or default_filter_budget_mb(native=self.planner.native)
+            self.cache = FilterCache(budget_mb * 2**20)
         if self.hooked is None or self.hooked.module is not unet:
             if self.hooked is not None:
                 self.hooked.drop()
@@ -41,10 +42,18 @@ class NativeWinograd:
     @contextmanager
     def run(self, model, run: RunContext):
         """Winograd on `model`'s LDM UNet for the block; every hook is gone afterwards, even on an error."""
-        hooked = self._hooks_for(find_ldm_unet(model, "SDAccel Winograd"))
-        before = hooked.calls()
-        hooked.install()
-        self.planner.run = run
+        self.planner.run = run  # first: building the native kernel (once per machine) is shown as progress
+        try:
+            hooked = self._hooks_for(find_ldm_unet(model, "SDAccel Winograd"))
+            before = hooked.calls()
+            hooked.install()
+        except BaseException:
+            self.planner.run = None
+            raise
+        if self.planner.storage:
+            kept = self.planner.allocate_storage()
+            if kept:
+                run.count("winograd_layers_given_filter_room", kept)
         try:
             yield hooked
         finally:
@@ -55,6 +64,7 @@ class NativeWinograd:
             for name in after:
                 run.counters[f"winograd_{name}_calls"] = after[name] - before[name]
             run.counters["winograd_filter_cache_mb"] = round(self.cache.used / 2**20, 1)
+            run.counters["winograd_native_kernel"] = int(self.planner.native)
 
     def release(self) -> None:
         if self.hooked is not None:
@@ -65,9 +75,10 @@ def winograd_summary(counters: dict) -> list[str]:
     """What a run's Winograd hooks did, as the lines a host adapter shows (node badge, console)."""
     if "winograd_layers" not in counters:
         return []
+    kernel = "native kernel" if counters.get("winograd_native_kernel") else "PyTorch Winograd"
     lines = [f"{counters.get('winograd_winograd_calls', 0)} Winograd and {counters.get('winograd_conv2d_calls', 0)} "
-             f"F.conv2d calls over {counters['winograd_layers']} convolutions; "
-             f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters"]
+             f"F.conv2d calls over {counters['winograd_layers']} convolutions ({kernel}); "
+             f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters kept"]
     if counters.get("winograd_calibrated_shapes"):
         lines.append(f"measured {counters['winograd_calibrated_shapes']} new convolution shapes on this CPU in "
                      f"{counters.get('winograd_calibration_s', 0):.1f} s (once; kept for next time)")

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class WinogradPlanner:
-    """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd tile/band."""
+    """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd kernel, and gives the
+    filter budget to the native layers where keeping their transformed filters saves the most time per MB."""
 
     def __init__(self, cfg: WinogradConfig, calibration_dir: str | None = None):
         self.cfg = cfg
@@ -34,20 +35,42 @@ class WinogradPlanner:
         self._calibration = None
         self.memo: dict = {}
         self.run: RunContext | None = None
+        self.storage: list = []  # (saving s per call, bytes, layer, memo key, choice) of native layers without room
+        self._native: bool | None = None
+
+    @property
+    def native(self) -> bool:
+        """Whether the native kernel runs (decided once; the first time builds it for this CPU if needed)."""
+        if self._native is None:
+            from ....cpukernels.native import is_built, native_ops
+
+            if self.cfg.kernel == "pytorch":
+                self._native = False
+            else:
+                if not is_built() and self.run is not None:
+                    self.run.busy("building SDAccel's native Winograd kernel for this CPU (once; about 2 minutes)",
+                                  0, 1)
+                self._native = native_ops() is not None
+                if not self._native and self.run is not None:
+                    from ....cpukernels.native import error
+
+                    self.run.note(f"winograd: native kernel unavailable ({error()}); the PyTorch Winograd runs")
+        return self._native
 
     @property
     def fused(self) -> bool:
-        """Whether the compiled transforms run (asked for, and they build here): decided at the first call."""
+        """Whether the PyTorch Winograd runs its compiled transforms (asked for, and they build here)."""
         from ....cpukernels.fused import fused_transforms_work
 
-        return self.cfg.fused_transforms and fused_transforms_work()
+        return not self.native and self.cfg.fused_transforms and fused_transforms_work()
 
     @property
     def calibration(self):
         if self._calibration is None:
             from ....cpukernels.calibrate import Calibration
 
-            self._calibration = Calibration(self.calibration_dir, fused=self.fused)
+            native = self.native
+            self._calibration = Calibration(self.calibration_dir, fused=not native and self.fused, native=native)
         return self._calibration
 
     def __call__(self, layer, x: torch.Tensor):
@@ -57,19 +80,48 @@ class WinogradPlanner:
         key = (id(layer), tuple(x.shape), x.dtype, x.device, channels_last)
         choice = self.memo.get(key)
         if choice is None:
-            choice = self._decide(layer, x.shape, x.dtype, x.device, channels_last)
+            choice = self._decide(layer, x.shape, x.dtype, x.device, channels_last, key)
             self.memo[key] = choice
         if self.run is not None:
-            self.run.count("winograd_calls" if choice[0] == "winograd" else "winograd_conv2d_calls")
+            self.run.count("winograd_conv2d_calls" if choice[0] == "conv2d" else "winograd_calls")
         return choice
 
-    def _decide(self, layer, shape, dtype, device, channels_last: bool):
-        if dtype != torch.float32 and self.cfg.tile == "auto":
+    def allocate_storage(self) -> int:
+        """Give the filter budget to the native layers planned so far, most time saved per MB first; returns how
+        many layers now keep their filters. Called between runs (a layer's first run transforms on the fly)."""
+        kept = 0
+        for saving, nbytes, layer, key, choice in sorted(self.storage, key=lambda e: e[0] / e[1], reverse=True):
+            if layer.reserve(choice[1]):
+                self.memo[key] = choice
+                kept += 1
+        self.storage.clear()
+        return kept
+
+    def _native_choice(self, layer, choice, key, kept: tuple | None):
+        """Run `choice` with its filters transformed on the fly, and offer the budget `kept` = (saving, the
+        choice to run with kept filters)."""
+        from ....cpukernels.winograd import filter_bytes
+
+        if kept is not None:
+            saving, stored = kept
+            self.storage.append((saving, filter_bytes(layer.out_channels, layer.in_channels, stored[1]), layer, key,
+                                 stored))
+        return choice
+
+    def _decide(self, layer, shape, dtype, device, channels_last: bool, key=None):
+        if dtype != torch.float32:
             return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
+        n, c, h, w = shape
         if self.cfg.tile != "auto":
             m = int(self.cfg.tile[1:])
+            if self.native:
+                from ....cpukernels.calibrate import BY_CHANNELS_MAX_BYTES
+
+                tiles = n * -(-(h + 2 * layer.pad - 2) // m) * -(-(w + 2 * layer.pad - 2) // m)
+                by_channels = tiles < 256 and (m + 2) ** 2 * tiles * c * 4 <= BY_CHANNELS_MAX_BYTES
+                choice = ("native", m, -32 if by_channels else 32)
+                return self._native_choice(layer, choice, key, (1e-9, choice))
             return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
-        n, c, h, w = shape
         calibration, k = self.calibration, layer.out_channels
         progress = None
         if not calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last):
@@ -87,23 +139,30 @@ class WinogradPlanner:
         if self.run is not None and calibration.measured_s > before:
             self.run.count("winograd_calibration_s", round(calibration.measured_s - before, 3))
             self.run.count("winograd_calibrated_shapes")
-        from ....cpukernels.calibrate import ranked_choices
+        from ....cpukernels.calibrate import ranked_choices, stored_alternative
 
-        # fastest first; a tile whose filters find no room in the budget falls to the next candidate
-        for kind, m, band in ranked_choices(timings):
+        # fastest first; a PyTorch-Winograd tile whose filters find no room falls to the next candidate, a native
+        # one runs with its filters transformed on the fly until the budget gives it room
+        for choice in ranked_choices(timings):
+            kind, m, band = choice
+            if kind == "native":
+                return self._native_choice(layer, choice, key, stored_alternative(timings, choice))
             if kind == "conv2d" or layer.reserve(m):
-                return (kind, m, band)
+                return choice
         return ("conv2d", 0, 0)
 
 
-def default_filter_budget_mb() -> int:
-    """The smallest of 8 GiB, 30% of physical memory and 40% of the memory still available once the model is
-    loaded: SD1.5's UNet and VAE take 7.2 GiB of filters on a 24 GB machine, while next to SDXL's 10 GB UNet
-    the 30% rule alone ran the same machine out of memory."""
-    budget = min(8 * 2**30, total_memory_bytes() * 0.3)
+def default_filter_budget_mb(native: bool = False) -> int:
+    """The automatic filter budget. PyTorch Winograd (which needs every filter kept to pay): the smallest of 8 GiB,
+    30% of physical memory and 40% of the memory still available once the model is loaded (SD1.5's UNet and VAE
+    take 7.2 GiB of filters on a 24 GB machine, while next to SDXL's 10 GB UNet the 30% rule alone ran the same
+    machine out of memory). Native kernel (which runs without them): at most 1 GiB, 10% of physical memory and
+    25% of what is available."""
+    cap, share, left = (2**30, 0.1, 0.25) if native else (8 * 2**30, 0.3, 0.4)
+    budget = min(cap, total_memory_bytes() * share)
     available = available_memory_bytes()
     if available is not None:
-        budget = min(budget, available * 0.4)
+        budget = min(budget, available * left)
     return int(budget // 2**20)
 
 
@@ -123,7 +182,8 @@ class Winograd(Unit):
         from ....cpukernels.adapter import FilterCache, patch_convs
 
         planner = WinogradPlanner(cfg, cfg.calibration_dir or None)
-        cache = FilterCache((cfg.filter_cache_mb or default_filter_budget_mb()) * 2**20)  # shared by every module
+        budget_mb = cfg.filter_cache_mb or default_filter_budget_mb(native=planner.native)
+        cache = FilterCache(budget_mb * 2**20)  # shared by every module
         patched = []
         for name in ("unet", "vae"):
             if getattr(cfg, name) and getattr(pipe, name, None) is not None:
@@ -140,6 +200,10 @@ class Winograd(Unit):
         @contextmanager
         def scope():
             planner.run = run
+            if planner.storage:
+                kept = planner.allocate_storage()
+                if kept:
+                    run.count("winograd_layers_given_filter_room", kept)
             try:
                 yield
             finally:
@@ -147,5 +211,6 @@ class Winograd(Unit):
                 cache = handle.info["patched"][0].cache if handle.info["patched"] else None
                 if cache is not None:
                     run.counters["winograd_filter_cache_mb"] = round(cache.used / 2**20, 1)
+                run.counters["winograd_native_kernel"] = int(planner.native)
 
         return scope()
