@@ -3,9 +3,9 @@
 The kernel fuses the input transform, the products (oneDNN's batch-reduce GEMM micro-kernel, which PyTorch
 exports) and the output transform per block of tiles, so the transformed tiles stay in the core's cache, and it
 can transform the filters on the fly inside the call instead of keeping them (4x a layer's weight for F(4,3)).
-It is compiled for this CPU (`-march=native`) with torch's C++ extension builder; the build (about 1-2 minutes
-on 2 cores) is kept under the SDAccel cache folder, keyed by the source, the torch and Python versions and the
-CPU's instruction set, so a changed CPU never loads code built for another. Where no C++ compiler (or ninja)
+It is compiled for this CPU (`-march=native`) with torch's C++ extension builder; the build (about 2-3 minutes
+on 2 cores) is kept under the SDAccel cache folder (or $SDACCEL_NATIVE_DIR), keyed by the source, the torch and
+Python versions and the CPU's instruction set, so a changed CPU never loads code built for another. Where no C++ compiler (or ninja)
 is found, or the build fails, `native_ops()` answers None with the reason and callers keep the PyTorch
 Winograd (cpukernels/winograd.py).
 """
@@ -90,9 +90,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _library(folder: Path) -> Path | None:
+    found = sorted(folder.glob(f"{NAMESPACE}_*.so")) + sorted(folder.glob(f"{NAMESPACE}_*.pyd"))
+    return found[0] if found else None
+
+
 def is_built() -> bool:
     """Whether this machine already has the kernel built (loading it then takes no compile)."""
-    return any(build_dir().glob(f"{NAMESPACE}_*.so")) or any(build_dir().glob(f"{NAMESPACE}_*.pyd"))
+    return _library(build_dir()) is not None
 
 
 def native_ops(build: bool = True):
@@ -125,23 +130,57 @@ def error() -> str | None:
     return _STATE.get("error")
 
 
+STALE_BUILD_S = 3 * 3600  # a private build folder this old belongs to a process that died while building
+
+
 def _load() -> None:
+    """Load the finished build, or build into a private folder and move it into place.
+
+    A finished build is loaded directly, never through torch's builder: that one waits on a lock file as long
+    as it exists, and a host killed during its first build (a Ctrl+C in ComfyUI) would leave one behind that
+    makes every later start hang. So each build happens in a folder of its own (its lock dies with it) and is
+    renamed into place when complete; a process that finds the build finished by another uses that one."""
     from torch.utils.cpp_extension import load
 
     folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    cflags, ldflags = _flags()
-    built = is_built()
-    start = time.perf_counter()
-    if not built:
-        log.info("Winograd: building the native kernel for this CPU (once; about 1-2 minutes) in %s", folder)
-    load(name=f"{NAMESPACE}_{build_key()}", sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-         build_directory=str(folder), is_python_module=False, verbose=False)
-    ops = getattr(torch.ops, NAMESPACE)
-    if not built:
+    library = _library(folder)
+    if library is None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(folder.parent)
+        private = folder.parent / f".{folder.name}.build-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(private, ignore_errors=True)
+        private.mkdir()
+        cflags, ldflags = _flags()
+        start = time.perf_counter()
+        log.info("Winograd: building the native kernel for this CPU (once; about 2-3 minutes) in %s", folder)
+        try:
+            load(name=f"{NAMESPACE}_{build_key()}", sources=[str(SOURCE)], extra_cflags=cflags,
+                 extra_ldflags=ldflags, build_directory=str(private), is_python_module=False, verbose=False)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        if folder.exists() and _library(folder) is None:  # an unfinished folder (an older layout): not a build
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(private, folder)  # complete or absent, even with another process building beside us
+        except OSError:  # another process finished first: its build is as good as ours
+            shutil.rmtree(private, ignore_errors=True)
         log.info("Winograd: native kernel built in %.0f s", time.perf_counter() - start)
+    else:
+        torch.ops.load_library(str(library))
+    ops = getattr(torch.ops, NAMESPACE)
     _STATE["ops"] = ops
     _STATE["bf16"] = bool(ops.bf16_native())
+
+
+def _remove_stale_builds(root: Path) -> None:
+    now = time.time()
+    for leftover in root.glob(".*.build-*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def bf16_products() -> bool:

@@ -62,6 +62,17 @@ def widgets(infos, *, empty: bool = False) -> dict:
     return {info.name: widget(info, empty=empty) for info in infos}
 
 
+def split_inputs(entries: dict, infos) -> dict:
+    """INPUT_TYPES from name -> entry: fields added after the node shipped (`late`) go under "optional", so
+    prompts saved before them still validate and run with the field's default."""
+    late = {info.name for info in infos if info.late}
+    out = {"required": {k: v for k, v in entries.items() if k not in late}}
+    optional = {k: v for k, v in entries.items() if k in late}
+    if optional:
+        out["optional"] = optional
+    return out
+
+
 def values(infos, given: dict, *, empty: bool = False) -> dict:
     """Engine field values from widget values (-1 back to None where `empty` applies)."""
     out = {}

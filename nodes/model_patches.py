@@ -18,7 +18,7 @@ from ..optim.spec.errors import ConfigError
 from ..optim.units.compile.config import CompileConfig
 from ..optim.units.deepcache.config import DeepCacheConfig
 from ..optim.units.winograd.config import WinogradConfig
-from .inputs import ui_fields, values, widget
+from .inputs import split_inputs, ui_fields, values, widget
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class _ModelPatch:
             if info.name in cls.DEFAULTS:
                 required[info.name] = (required[info.name][0], {**required[info.name][1],
                                                                 "default": cls.DEFAULTS[info.name]})
-        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {**split_inputs(required, cls.fields()), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @staticmethod
     def _check_layout(model, option: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..optim.spec.optimization import OptimizationConfig, config_classes
 from ..optim.spec.pipeline import GenerationRequest
 from . import host
-from .inputs import ui_fields, values, widget
+from .inputs import split_inputs, ui_fields, values, widget
 from .pipe import PIPE, PIPE_TOOLTIP, SDAccelPipe
 
 CATEGORY = "sdaccel/optimizations"
@@ -45,7 +45,7 @@ class _Toggle:
         required = {"pipe": (PIPE, {"tooltip": PIPE_TOOLTIP})}
         for info in cls.fields():
             required[info.name] = widget(info, tooltip_suffix=host.path_tooltip(cls.KIND, info.name))
-        return {"required": required}
+        return split_inputs(required, cls.fields())
 
     def apply(self, pipe: SDAccelPipe, **given):
         fields = values(self.fields(), given)

@@ -145,11 +145,12 @@ def _assert_widget_matches(spec: tuple, info, *, empty: bool = False):
 @pytest.mark.parametrize("kind", list(all_units()))
 def test_toggle_inputs_are_the_units_config_fields(kind):
     cls = NODES[node_id(kind)]
-    required = cls.INPUT_TYPES()["required"]
+    types = cls.INPUT_TYPES()
+    inputs = {**types["required"], **types.get("optional", {})}  # fields added later are optional inputs
     fields = [info for info in describe(all_units()[kind].config_cls) if info.ui]
-    assert list(required) == ["pipe"] + [info.name for info in fields]
+    assert list(inputs) == ["pipe"] + [info.name for info in fields]
     for info in fields:
-        _assert_widget_matches(required[info.name], info)
+        _assert_widget_matches(inputs[info.name], info)
 
 
 def test_sampler_loader_and_cutoff_inputs_are_the_engine_fields():

@@ -4,6 +4,12 @@ budget where it saves the most; and a machine where it cannot be built keeps the
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +223,25 @@ def test_a_machine_without_the_native_kernel_keeps_the_pytorch_winograd(monkeypa
 def test_unavailable_reason_names_the_missing_tool(monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     assert "C++ compiler" in native.unavailable_reason()
+
+
+def test_a_lock_left_by_a_killed_build_never_blocks_loading(ops, tmp_path):
+    """A host killed during its first build leaves torch's lock file behind; the finished build must still load
+    at once (torch's own builder would wait on that lock forever)."""
+    built = native.build_dir()
+    copy = tmp_path / "native" / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").write_text("", encoding="utf-8")
+    stale = tmp_path / "native" / f".{built.name}.build-1-2"
+    stale.mkdir()
+    code = "import sdaccel.cpukernels.native as n; ops = n.native_ops(build=False); print(ops is not None, n.is_built())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SDACCEL_NATIVE_DIR": str(tmp_path / "native")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", "True"]
+    native._remove_stale_builds(tmp_path / "native")
+    assert stale.exists()  # fresh: maybe another process's build in progress
+    old = time.time() - native.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    native._remove_stale_builds(tmp_path / "native")
+    assert not stale.exists() and copy.exists()

@@ -29,6 +29,7 @@ class FieldInfo:
     ui_default: Any = None
     ui: bool = True
     multiline: bool = False
+    late: bool = False  # added after the hosts' nodes were published: an optional input, so older prompts still run
     name: str = ""
     kind: type = str
     default: Any = None
@@ -36,10 +37,13 @@ class FieldInfo:
 
 
 def option(default, tooltip: str, *, choices=None, min=None, max=None, step=None, ui_default=None,
-           ui: bool = True, multiline: bool = False):
-    """A dataclass field carrying its UI description; use as `steps: int | None = option(None, "...")`."""
+           ui: bool = True, multiline: bool = False, late: bool = False):
+    """A dataclass field carrying its UI description; use as `steps: int | None = option(None, "...")`.
+
+    `late=True` for a field added to a config after its nodes shipped: declared last, and taken by ComfyUI as an
+    optional input, so API prompts and workflows saved before it keep working with its default."""
     info = FieldInfo(tooltip=tooltip, choices=tuple(choices) if choices is not None else None, min=min, max=max,
-                     step=step, ui_default=ui_default, ui=ui, multiline=multiline)
+                     step=step, ui_default=ui_default, ui=ui, multiline=multiline, late=late)
     return dataclasses.field(default=default, metadata={_META_KEY: info})
 
 

@@ -46,10 +46,9 @@ class WinogradConfig(OptimizationConfig):
                                   step=64)
     calibration_dir: str = option("", "Folder for the per-machine calibration file (empty: ~/.cache/sdaccel, or "
                                   "$SDACCEL_CACHE_DIR)")
-    # last, so that ComfyUI workflows saved before it existed keep their widget values in place
     kernel: str = option("auto", "auto: SDAccel's native Winograd kernel (input transform, products and output "
                          "transform fused per block of tiles, filters transformed inside the call unless the filter "
                          "budget keeps them), compiled once for this CPU (about 2 minutes on 2 cores, needs a C++ "
                          "compiler and ninja; kept in the SDAccel cache folder); where it cannot be built, the "
                          "PyTorch Winograd (see fused_transforms). pytorch: always the PyTorch Winograd",
-                         choices=KERNEL_CHOICES)
+                         choices=KERNEL_CHOICES, late=True)
