@@ -12,26 +12,20 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..run.files import atomic_path
+from .timing import timed_runs
 
 
 MEASUREMENT = "roofline-v1"
 
 
 def _best_rate(fn, flops: float, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return flops / min(times) / 1e9
+    return flops / min(timed_runs(fn, repeats)) / 1e9
 
 
 def measure_peaks(bf16: bool) -> dict:

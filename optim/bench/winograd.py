@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..run.capabilities import machine_summary
+from .timing import timed_runs
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,7 @@ def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, 
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_runs(fn, repeats))
 
 
 def _choice_label(kind: str, m: int, band: int) -> str:
