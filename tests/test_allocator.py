@@ -20,7 +20,7 @@ def cycle():
 cycle()
 cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(20):
     cycle()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -32,10 +32,12 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
         out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.strip().splitlines()[-1])
 
-    pages = 5 * 64 * 2**20 // 4096
+    cycle_pages = 64 * 2**20 // 4096
     default, keep = faults("default"), faults("keep")
-    assert default > pages // 2  # glibc's default maps and unmaps a 64 MiB block on every cycle
-    assert keep <= default // 4, (default, keep)  # kept: at most one cycle touches fresh pages
+    assert default > 15 * cycle_pages  # glibc's default maps and unmaps the 64 MiB block on every one of 20 cycles
+    # Kept: fresh pages stop after a few cycles. Not zero: a small allocation may land in a freed block,
+    # so the heap settles on two or three 64 MiB blocks used in turn (each faulted in once).
+    assert keep <= 3 * cycle_pages, (default, keep)
 
 
 def test_bench_reports_the_allocator():
