@@ -147,6 +147,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="bench winograd: also time the whole modules with the PyTorch Winograd, same process")
     bench.add_argument("--filter-cache-mb", type=int, default=0,
                        help="bench winograd: memory for kept transformed filters (0: the unit's automatic budget)")
+    bench.add_argument("--profile", action="store_true",
+                       help="bench winograd: where each whole module's time goes (PyTorch profiler, top operations by "
+                            "own time), plain, with Winograd, and with the PyTorch Winograd if --compare-pytorch")
     return parser
 
 
@@ -250,7 +253,7 @@ def cmd_bench(args) -> int:
                                     channels_last=args.channels_last,
                                     fused_transforms=not args.eager_transforms, kernel=args.winograd_kernel,
                                     filter_cache_mb=args.filter_cache_mb, compare_pytorch=args.compare_pytorch,
-                                    modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
+                                    profile=args.profile, modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
         print(format_winograd_table(report))
         if args.json:
             print(f"wrote {write_json(report, args.json)}")

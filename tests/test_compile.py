@@ -282,6 +282,33 @@ def test_openvino_vae_decoder_target_matches_eager(sd15):
 
 
 @needs_openvino
+def test_openvino_text_encoder_target_matches_eager_and_leaves_hidden_state_calls_eager(sd15):
+    encoder = sd15.text_encoder
+    ids = sd15.tokenizer(["a lighthouse at dawn"], padding="max_length", max_length=sd15.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = type(encoder).forward(encoder, ids)
+    handle = _apply(sd15, CompileConfig(backend="openvino", targets="unet+vae+text_encoder"))
+    try:
+        with torch.inference_mode():
+            out = encoder(ids)  # as diffusers' encode_prompt calls it (attention_mask None), then takes [0]
+            plain = encoder(ids, return_dict=False)
+            hidden = encoder(ids, output_hidden_states=True)  # clip skip / SDXL: needs what the graph does not give
+        torch.testing.assert_close(out[0], ref.last_hidden_state, **TOL)
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, **TOL)
+        assert isinstance(plain, tuple)
+        torch.testing.assert_close(plain[0], ref.last_hidden_state, **TOL)
+        assert torch.equal(hidden.last_hidden_state, ref.last_hidden_state) and len(hidden.hidden_states) > 1
+        stats = compile_stats(handle)
+        assert stats["text_encoder"].graphs == 1 and stats["text_encoder"].eager_calls == 1
+    finally:
+        handle.remove()
+    assert "forward" not in encoder.__dict__
+    with torch.inference_mode():
+        assert torch.equal(encoder(ids).last_hidden_state, ref.last_hidden_state)
+
+
+@needs_openvino
 def test_openvino_runs_eager_for_inputs_it_cannot_take():
     pipe = _micro_pipe()
     unet = pipe.unet

@@ -245,3 +245,19 @@ def test_a_lock_left_by_a_killed_build_never_blocks_loading(ops, tmp_path):
     os.utime(stale, (old, old))
     native._remove_stale_builds(tmp_path / "native")
     assert not stale.exists() and copy.exists()
+
+
+def test_bench_profile_shows_where_each_kernel_spends_the_module_time(ops, tmp_path):
+    from sdaccel.optim.bench.winograd import format_winograd_table, run_winograd_bench
+
+    report = run_winograd_bench("sd15", 64, repeats=1, calibration_dir=str(tmp_path), tiny=True, say=lambda s: None,
+                                modules=("unet",), compare_pytorch=True, profile=True)
+    variants = report["summary"]["profile"]["unet"]
+    assert set(variants) == {"conv2d", "native winograd", "pytorch winograd"}
+    ops_of = {name: [op["op"] for op in found] for name, found in variants.items()}
+    assert any("sdaccel_winograd::conv2d" == op for op in ops_of["native winograd"]), ops_of
+    assert not any(op.startswith("sdaccel_winograd::") for op in ops_of["conv2d"] + ops_of["pytorch winograd"])
+    for found in variants.values():
+        shares = [op["share"] for op in found]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+    assert "profile unet, native winograd: " in format_winograd_table(report)

@@ -11,6 +11,7 @@ compared with SDAccel's baseline image like every other row.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def run_optimum_rows(prepared, plan, settings, reference: torch.Tensor | None, *
                    "image_out": str(folder / f"image-{precision}.npy")}
             job_file = folder / f"job-{precision}.json"
             job_file.write_text(json.dumps(job), encoding="utf-8")
-            done = subprocess.run([python, str(WORKER), str(job_file)], capture_output=True, text=True)
+            quiet = {**os.environ, "CI": "true", "NNCF_CI": "1"}  # no usage telemetry (see units/compile/telemetry.py)
+            done = subprocess.run([python, str(WORKER), str(job_file)], capture_output=True, text=True, env=quiet)
             if done.returncode != 0:
                 tail = "\n".join(done.stderr.strip().splitlines()[-5:])
                 raise SDAccelError(f"bench --optimum: optimum-intel ({precision}) failed:\n{tail}")

@@ -116,10 +116,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            (("compile", {"backend": "inductor", "freezing": True}),)),
     Preset("compile-openvino", "UNet converted to OpenVINO and compiled for the CPU (fp32); the first run pauses to "
            "convert (compile_s, ~1-2 min for a full UNet)", (("compile", {"backend": "openvino"}),)),
-    Preset("openvino-native", "UNet and VAE decoder converted to OpenVINO in the precision it picks for this CPU (bf16 "
-           "with AVX512-BF16 or AMX, else fp32): the configuration of optimum-intel's default pipeline; lossy where "
-           "it picks bf16",
-           (("compile", {"backend": "openvino", "targets": "unet+vae", "openvino_precision": "auto"}),)),
+    Preset("openvino-native", "UNet, VAE decoder and text encoder converted to OpenVINO in the precision it picks for "
+           "this CPU (bf16 with AVX512-BF16 or AMX, else fp32): the configuration of optimum-intel's default "
+           "pipeline; lossy where it picks bf16",
+           (("compile", {"backend": "openvino", "targets": "unet+vae+text_encoder", "openvino_precision": "auto"}),)),
+    Preset("openvino-int8", "UNet and VAE decoder in OpenVINO with int8 weights and activations (NNCF), calibrated on "
+           "the first run's own UNet and decoder inputs (that run stays uncompiled, the int8 models are built when it "
+           "ends): int8 products on CPUs with VNNI or AMX; lossy",
+           (("compile", {"backend": "openvino", "targets": "unet+vae", "openvino_precision": "auto",
+                         "openvino_int8": "full"}),)),
+    Preset("openvino-int8-weights", "UNet and VAE decoder in OpenVINO with the weights stored in int8 (NNCF weight "
+           "compression): about a quarter of the memory for weights, computed in float; lossy",
+           (("compile", {"backend": "openvino", "targets": "unet+vae", "openvino_precision": "auto",
+                         "openvino_int8": "weights"}),)),
 )}
 
 

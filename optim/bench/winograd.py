@@ -119,7 +119,8 @@ def _scratch_bytes() -> int:
     return scratch_bytes() + workspace_bytes()
 
 
-def _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir, fused_transforms, fam, say) -> dict:
+def _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir, fused_transforms, fam, say,
+                         profiles: dict | None = None) -> dict:
     """The same whole modules with the PyTorch Winograd (its own calibration and automatic filter budget), in the
     same process, for the side-by-side comparison."""
     from ..core.registry import ApplyContext, apply_all, remove_all
@@ -137,12 +138,31 @@ def _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir, fuse
             timed = _median_time(call, repeats)
             found[f"{whole_key}_s"] = round(timed, 3)
             found[f"{whole_key}_speedup"] = round(plain[name] / timed, 3)
+            if profiles is not None:
+                profiles[name]["pytorch winograd"] = profile_call(call)
         patched = handles[0].info["patched"]
         found["filter_cache_mb"] = round(patched[0].cache.peak / 2**20, 1) if patched else 0.0
         found["scratch_mb"] = round(_scratch_bytes() / 2**20, 1)
     finally:
         remove_all(handles)
     return found
+
+
+PROFILE_TOP = 8  # operations listed per profiled module call
+
+
+def profile_call(call: Callable[[], object], top: int = PROFILE_TOP) -> list[dict]:
+    """Where one call's time goes: the operations with the most own CPU time (PyTorch profiler), with their share.
+    The native kernel shows as one operation (`sdaccel_winograd::conv2d`); the PyTorch Winograd as the gathers,
+    GEMMs and copies it is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count,
+             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:top]]
 
 
 def _summed(rows, section: str) -> float:
@@ -155,14 +175,14 @@ def _summed(rows, section: str) -> float:
 def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 3, batch: int = 2,
                        calibration_dir: str | None = None, tiny: bool = False, channels_last: bool = False,
                        fused_transforms: bool = True, modules=("unet", "vae_decoder"), kernel: str = "auto",
-                       filter_cache_mb: int = 0, compare_pytorch: bool = False,
+                       filter_cache_mb: int = 0, compare_pytorch: bool = False, profile: bool = False,
                        say: Callable[[str], None] = print) -> dict:
     """Measure every UNet and VAE-decoder 3x3 conv shape of `family` at `size`, and the whole modules.
 
     `channels_last` runs both sides (F.conv2d and Winograd, shapes and whole modules) on NHWC activations,
     i.e. measures Winograd on top of the channels-last unit. `fused_transforms` as in the unit's option.
     `modules` limits the run to "unet" or "vae_decoder" (SDXL's UNet and VAE at 1024x1024 do not both fit in
-    24 GB of RAM next to the calibration's buffers).
+    24 GB of RAM next to the calibration's buffers). `profile` adds where each whole module's time goes.
     """
     from ...cpukernels.calibrate import Calibration
     from ...cpukernels.fused import fused_transforms_work
@@ -229,11 +249,14 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
     holder.unet, holder.vae = unet, vae
     summary: dict = {}
     plain, refs = {}, {}
+    profiles: dict | None = {name: {} for name in sections} if profile else None
     with torch.inference_mode():
         say("timing the whole modules, plain and with Winograd ...")
         for name, (_, call, _, _) in sections.items():
             refs[name] = call()
             plain[name] = _median_time(call, repeats)
+            if profiles is not None:
+                profiles[name]["conv2d"] = profile_call(call)
         handles = apply_all(holder, [WinogradConfig(unet="unet" in sections, vae="vae_decoder" in sections,
                                                     calibration_dir=calibration_dir or "",
                                                     fused_transforms=fused_transforms, kernel=kernel,
@@ -257,6 +280,9 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
                     summary[f"{whole_key}_s"]["winograd_kept_filters"] = round(timed, 3)
                     summary[f"{whole_key}_speedup_kept_filters"] = round(plain[name] / timed, 3)
                 summary["layers_keeping_filters"] = kept
+            if profiles is not None:
+                for name, (_, call, _, _) in sections.items():
+                    profiles[name]["native winograd" if native else "pytorch winograd"] = profile_call(call)
             cache_mb = handles[0].info["patched"][0].cache.peak / 2**20 if handles[0].info["patched"] else 0.0
             summary["filter_budget_mb"] = round(handles[0].info["patched"][0].cache.budget / 2**20, 1) \
                 if handles[0].info["patched"] else 0.0
@@ -265,7 +291,9 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
             remove_all(handles)
         if native and compare_pytorch:
             summary["pytorch_kernel"] = _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir,
-                                                             fused_transforms, fam, say)
+                                                             fused_transforms, fam, say, profiles)
+    if profiles is not None:
+        summary["profile"] = profiles
     summary.update({
         "max_rel_err": max(r["max_rel_err"] for r in rows),
         "min_shape_speedup": min(r["speedup"] for r in rows),
@@ -305,6 +333,10 @@ def format_winograd_table(report: dict) -> str:
         lines.append(f"memory held: native {s['filter_cache_mb']:.0f} MB of filters + {s.get('scratch_mb', 0):.0f} MB "
                      f"scratch; PyTorch Winograd {s['pytorch_kernel']['filter_cache_mb']:.0f} MB of filters + "
                      f"{s['pytorch_kernel']['scratch_mb']:.0f} MB scratch")
+    for section, variants in s.get("profile", {}).items():
+        for variant, ops in variants.items():
+            lines.append(f"profile {section}, {variant}: " + ", ".join(
+                f"{op['op']} {op['share']:.0%} ({op['self_ms']:.0f} ms/{op['calls']})" for op in ops))
     lines.append(f"max rel err per shape {s['max_rel_err']:.1e}; filter cache {s['filter_cache_mb']:.0f} MB; "
                  f"{report['family']} {report['size']}x{report['size']} batch {report['batch']}, "
                  f"{'NHWC' if report.get('channels_last') else 'NCHW'}, {report.get('transforms', 'eager')} "

@@ -10,6 +10,7 @@ with a note, never a crashed run. The machinery (engines, weight watch, counters
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from typing import Callable
@@ -63,8 +64,8 @@ class _LDMCallIO:
         return _LDMAdapter(eager, module)
 
     @staticmethod
-    def ov_output(result: torch.Tensor):
-        return result
+    def ov_output(results: list):
+        return results[0]
 
 
 class _LDMAdapter(torch.nn.Module):
@@ -115,7 +116,8 @@ class NativeCompile:
     def _choose(self, device: torch.device, run: RunContext) -> CompileConfig | None:
         """The requested backend, else the other CPU compiler (noted), else None (eager, noted)."""
         cfg = self.requested
-        candidates = [cfg] + [CompileConfig(backend=b, freezing=b == "inductor" and device.type == "cpu",
+        float_openvino = [dataclasses.replace(cfg, openvino_int8="off")] if cfg.openvino_int8 != "off" else []
+        candidates = [cfg] + float_openvino + [CompileConfig(backend=b, freezing=b == "inductor" and device.type == "cpu",
                                             dynamic=cfg.dynamic, on_weight_change=cfg.on_weight_change)
                               for b in NATIVE_BACKENDS if b != cfg.backend]
         reasons = []
@@ -126,7 +128,8 @@ class NativeCompile:
                 reasons.append(str(exc))
                 continue
             if candidate is not cfg:
-                run.note(f"compile: {reasons[0]}; compiled with {candidate.backend} instead")
+                instead = "without int8" if candidate in float_openvino else f"with {candidate.backend} instead"
+                run.note(f"compile: {reasons[0]}; compiled {instead}")
             return candidate
         run.note(f"compile: no compiler available, the model runs eager ({'; '.join(reasons)})")
         return None
@@ -159,10 +162,14 @@ class NativeCompile:
         before = target.counts.copy()
         target.ensure_fresh()  # baked weights that changed (another LoRA strength) rebuild here, or stop
         target.in_run = True
+        ended = False
         try:
             yield self
+            ended = True
         finally:
             target.in_run = False
+            if ended and not self.failed:
+                target.end_run()  # int8 full: the model calibrated on this run's recorded calls is built now
             report_compiles(self.cfg, [target], [before], run)
 
     def eager_reason(self, y, control, options: dict, extra: dict) -> str:
@@ -191,8 +198,10 @@ class NativeCompile:
             return eager()
         tensors = (x, timesteps, context) if y is None else (x, timesteps, context, y)
         try:
+            recorded = target.counts.calibration_calls
             out = target(tensors, {})
-            run.count("compile_compiled_calls")
+            if target.counts.calibration_calls == recorded:  # else it ran eager to record int8 calibration inputs
+                run.count("compile_compiled_calls")
             return out
         except self.passthrough:
             raise

@@ -11,9 +11,10 @@ from ...spec.optimization import OptimizationConfig, Stage, register_config
 
 BACKENDS = ("inductor", "openvino", "stable_fast", "onediff", "tensorrt")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-TARGETS = ("unet", "unet+vae")
+TARGETS = ("unet", "unet+vae", "unet+vae+text_encoder")
 GRANULARITIES = ("auto", "whole", "blocks")
 DYNAMO_BACKENDS = ("inductor", "tensorrt")  # torch.compile-based: can compile layer by layer
+OPENVINO_INT8 = ("off", "weights", "full")
 OPENVINO_STATIC_KEEP = 2  # compiled shapes kept per target with dynamic off: CFG batch and post-cutoff batch
 
 
@@ -40,7 +41,8 @@ class CompileConfig(OptimizationConfig):
                             "that speeds up inductor on a CPU (~1.2-1.35x), at the cost of a second copy of the "
                             "prepacked weights; a weight change (LoRA) then forces a recompile")
     targets: str = option("unet", "What to compile: the UNet, or the UNet and the VAE decoder (another compile "
-                          "pause; helps large decodes)", choices=TARGETS)
+                          "pause; helps large decodes), or those and the text encoder (SD 1.x/2.x and Taiyi "
+                          "prompts; SDXL's encoders, asked for their hidden states, stay eager)", choices=TARGETS)
     granularity: str = option("auto", "whole: one graph for the whole UNet (fastest code). blocks: one graph per "
                               "resnet / attention / resampler layer, the glue between them left in Python; needed "
                               "when another optimization (DeepCache) decides per step which layers run, since a "
@@ -54,6 +56,11 @@ class CompileConfig(OptimizationConfig):
                                    "applied to the loaded model) and the backend baked them in: recompile before "
                                    "the next call (another compile pause), or stop with an error", choices=(
                                        "recompile", "error"))
+    openvino_int8: str = option("off", "openvino only, lossy (pip install nncf). weights: weights stored in int8 "
+                                "(about 4x less memory for them), computed in float. full: weights and activations "
+                                "in int8 (fastest on CPUs with VNNI or AMX), calibrated on this pipeline's own "
+                                "inputs: the first run after applying runs uncompiled while it records them, and "
+                                "the int8 model is built when it ends", choices=OPENVINO_INT8, late=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +78,9 @@ class CompileConfig(OptimizationConfig):
         if self.openvino_precision != "f32" and self.backend != "openvino":
             raise ConfigError(f"{owner}.openvino_precision", f"applies to backend openvino only, not "
                               f"{self.backend}", "leave it at f32")
+        if self.openvino_int8 != "off" and self.backend != "openvino":
+            raise ConfigError(f"{owner}.openvino_int8", f"int8 quantization (NNCF) applies to backend openvino only, "
+                              f"not {self.backend}", "set it to off, or use backend openvino")
 
     @property
     def bakes_weights(self) -> bool:

@@ -165,8 +165,8 @@ class _UnetIO:
         return _UnetAdapter(eager, module, with_added=count == 5)
 
     @staticmethod
-    def ov_output(result: torch.Tensor):
-        return (result,)
+    def ov_output(results: list):
+        return (results[0],)
 
 
 def _is_empty(value) -> bool:
@@ -185,15 +185,25 @@ def _timestep_tensor(timestep, sample: torch.Tensor) -> torch.Tensor:
     return torch.tensor([timestep], dtype=dtype, device=sample.device)
 
 
-class _DecoderIO:
-    """The VAE decoder (`vae.decoder`): one latent in, one image out; slicing/tiling stay in diffusers."""
-
-    label = "vae_decoder"
-    OV_INPUTS = (("sample", (0, 2, 3)),)
+class _OneShapeIO:
+    """What the decoder and the text encoder share: a module whose traced graph holds for every input size (no
+    shape facts to key it by), called with its first parameter as the one tensor it converts."""
 
     def __init__(self, eager: Callable):
         self.signature = inspect.signature(eager)
-        self.first = next(iter(self.signature.parameters))  # `sample` (AutoencoderKL) or `x` (Tiny VAE)
+        self.first = next(iter(self.signature.parameters))
+
+    @staticmethod
+    def trace_key(module: torch.nn.Module, tensors: list) -> tuple:
+        return ()
+
+
+class _DecoderIO(_OneShapeIO):
+    """The VAE decoder (`vae.decoder`): one latent in, one image out; slicing/tiling stay in diffusers. Its first
+    parameter is `sample` (AutoencoderKL) or `x` (Tiny VAE)."""
+
+    label = "vae_decoder"
+    OV_INPUTS = (("sample", (0, 2, 3)),)
 
     def prepare(self, args, kwargs):
         return self.signature.bind(*args, **kwargs), False
@@ -208,16 +218,58 @@ class _DecoderIO:
         return [bound.arguments[self.first]]
 
     @staticmethod
-    def trace_key(module: torch.nn.Module, tensors: list) -> tuple:
-        return ()
-
-    @staticmethod
     def ov_adapter(eager: Callable, module: torch.nn.Module, count: int) -> torch.nn.Module:
         return _DecoderAdapter(eager, module)
 
     @staticmethod
-    def ov_output(result: torch.Tensor):
-        return result
+    def ov_output(results: list):
+        return results[0]
+
+
+class _TextEncoderIO(_OneShapeIO):
+    """A text encoder called with token ids only (SD 1.x/2.x and Taiyi prompts): its last hidden state and pooled
+    output. Calls asking for more (hidden states for clip skip, SDXL's penultimate layer, an attention mask) run
+    eager, as their own call signature says."""
+
+    label = "text_encoder"
+    OV_INPUTS = (("input_ids", (0, 1)),)
+
+    def prepare(self, args, kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        return bound, self._arguments(bound).get("return_dict", None) is not False
+
+    def _arguments(self, bound) -> dict:
+        """The call's arguments with `**kwargs` spread out (transformers 5 takes return_dict and the output flags
+        through them)."""
+        found = dict(bound.arguments)
+        for name, param in self.signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                found.update(found.pop(name, {}))
+        return found
+
+    @staticmethod
+    def finish(out, return_dict: bool):
+        if isinstance(out, tuple) and return_dict:  # the OpenVINO model's outputs, as the module would return them
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(last_hidden_state=out[0], pooler_output=out[1])
+        return out
+
+    def ov_tensors(self, bound) -> list | None:
+        arguments = self._arguments(bound)
+        ids = arguments.get(self.first)
+        settled = (self.first, "return_dict")  # False flags (no hidden states, no attentions) ask for nothing more
+        if ids is None or any(k not in settled and v is not False and not _is_empty(v) for k, v in arguments.items()):
+            return None
+        return [ids]
+
+    @staticmethod
+    def ov_adapter(eager: Callable, module: torch.nn.Module, count: int) -> torch.nn.Module:
+        return _TextEncoderAdapter(eager, module)
+
+    @staticmethod
+    def ov_output(results: list):
+        return tuple(results[:2])
 
 
 class PlainCall:
@@ -255,6 +307,17 @@ class _UnetAdapter(torch.nn.Module):
         return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
+class _TextEncoderAdapter(torch.nn.Module):
+    def __init__(self, eager: Callable, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self._eager = eager
+
+    def forward(self, input_ids):
+        out = self._eager(input_ids, return_dict=False)
+        return out[0], out[1]
+
+
 class _DecoderAdapter(torch.nn.Module):
     def __init__(self, eager: Callable, decoder: torch.nn.Module):
         super().__init__()
@@ -274,9 +337,10 @@ class _Counts:
     compile_s: float = 0.0  # wall time of the calls that built one (the pause the user sees)
     rebuilds: int = 0  # rebuilds forced by a weight change
     eager_calls: int = 0  # calls the backend could not take, run eager instead
+    calibration_calls: int = 0  # calls run eager while their inputs were recorded to calibrate int8
 
     def copy(self) -> "_Counts":
-        return _Counts(self.graphs, self.compile_s, self.rebuilds, self.eager_calls)
+        return _Counts(self.graphs, self.compile_s, self.rebuilds, self.eager_calls, self.calibration_calls)
 
 
 _ENTRY_SERIAL = iter(range(1, 1 << 62))
@@ -387,68 +451,107 @@ class _OpenVinoEngine:
 
     Dynamic: one model per `trace_key` (for the UNet: whether the latent divides by its upsampling
     factor; almost always one). Static: one per exact input shapes, the last OPENVINO_STATIC_KEEP kept.
+    With int8 on, NNCF quantizes the converted model before it is compiled (`int8.py`); `full` first records
+    a run's inputs (that run stays eager) and builds the quantized model when the run ends.
     """
 
     def __init__(self, cfg):  # cfg: CompileConfig (optim/units/compile.py)
         self._dynamic = cfg.dynamic
         self._properties = {"INFERENCE_PRECISION_HINT": "f32"} if cfg.openvino_precision == "f32" else {}
+        self._int8 = cfg.openvino_int8
         self.models: OrderedDict = OrderedDict()
+        self.calibration: dict = {}  # key -> recorded input tensors of eager calls (int8 full), until built
+        self.int8_ops: dict = {}  # key -> quantized operations in the built model (what the stats report)
+        self._failed = ""  # why building the int8 model at the end of a run failed (raised on the next call)
+
+    def _key(self, target: "CompileTarget", tensors: list) -> tuple:
+        if self._dynamic:  # input element types are fixed in a converted model, shapes are not
+            return target.io.trace_key(target.module, tensors), tuple(t.dtype for t in tensors)
+        return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
     def __call__(self, target: "CompileTarget", bound) -> object:
+        if self._failed:
+            raise SDAccelError(self._failed)
         tensors = target.io.ov_tensors(bound)
         if tensors is None:
             return _EAGER
-        if self._dynamic:  # input element types are fixed in a converted model, shapes are not
-            key = (target.io.trace_key(target.module, tensors), tuple(t.dtype for t in tensors))
-        else:
-            key = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        key = self._key(target, tensors)
         model = self.models.get(key)
+        if model is None and self._int8 == "full":
+            self.calibration.setdefault(key, []).append([t.detach().to("cpu", copy=True) for t in tensors])
+            target.counts.calibration_calls += 1
+            return _CALIBRATING
         if model is None:
             model = self._build(target, tensors, key)
         else:
             self.models.move_to_end(key)
         arrays = [t.detach().cpu().contiguous().numpy() for t in tensors]
-        result = model(arrays, share_inputs=True, share_outputs=False)[0]
-        out = torch.from_numpy(result).to(tensors[0].device)
-        return target.io.ov_output(out)
+        results = model(arrays, share_inputs=True, share_outputs=False)
+        device = tensors[0].device
+        return target.io.ov_output([torch.from_numpy(results[i]).to(device) for i in range(len(model.outputs))])
 
-    def _build(self, target: "CompileTarget", tensors: list, key):
-        import openvino as ov
+    def end_run(self, target: "CompileTarget") -> None:
+        """After a run that recorded int8 calibration inputs: build the quantized model for each recorded key."""
+        for key in [k for k in self.calibration if k not in self.models]:
+            samples = self.calibration.pop(key)
+            start = time.perf_counter()
+            try:
+                self._build(target, samples[0], key, samples)
+            except SDAccelError as exc:
+                self._failed = str(exc)
+                log.warning("%s", exc)
+                return
+            target.counts.compile_s += time.perf_counter() - start
+
+    def _build(self, target: "CompileTarget", tensors: list, key, calibration: list | None = None):
+        from .int8 import quantize
+        from .telemetry import import_openvino, no_telemetry
+
+        ov = import_openvino()
 
         shapes = [ov.PartialShape([-1 if (self._dynamic and d in dyn) else s for d, s in enumerate(t.shape)])
                   for t, (_, dyn) in zip(tensors, target.io.OV_INPUTS)]
         adapter = target.io.ov_adapter(target.eager, target.module, len(tensors))
+        step = "converting"
         try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            with no_telemetry(), torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 # shape-dependent branches are keyed above (trace_key) or only change memory layout
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 example = tuple(t.detach().clone() for t in tensors)
                 traced = torch.jit.trace(adapter, example, check_trace=False, strict=False)
                 converted = ov.convert_model(traced, example_input=example, input=shapes, share_weights=False)
+            if self._int8 != "off":
+                step = f"quantizing (int8 {self._int8})"
+                with no_telemetry():
+                    converted, self.int8_ops[key] = quantize(converted, self._int8, calibration)
             model = _openvino_core().compile_model(converted, "CPU", self._properties)
         except Exception as exc:
-            raise SDAccelError(f"compile.backend=openvino: converting the {target.io.label} failed ({exc}). "
-                               "Turn compile off or use backend inductor") from exc
+            raise SDAccelError(f"compile.backend=openvino: {step} the {target.io.label} failed ({exc}). "
+                               "Turn compile off, set openvino_int8 off, or use backend inductor") from exc
         target.graph_built()
         self.models[key] = model
         while len(self.models) > OPENVINO_STATIC_KEEP:
             self.models.popitem(last=False)
-        log.info("openvino: %s converted for %s", target.io.label,
-                 f"all sizes {key}" if self._dynamic else [tuple(t.shape) for t in tensors])
+        log.info("openvino: %s converted for %s%s", target.io.label,
+                 f"all sizes {key}" if self._dynamic else [tuple(t.shape) for t in tensors],
+                 f", int8 {self._int8} ({self.int8_ops[key]} operations quantized)" if self._int8 != "off" else "")
         return model
 
     def reset(self) -> None:
+        """Drop the built models: a weight change rebuilds them (int8 full records a run with the new weights first)."""
         self.models.clear()
+        self._failed = ""
 
 
 _EAGER = object()  # an engine's answer meaning "run this call eager"
+_CALIBRATING = object()  # "run this call eager: its inputs were recorded to calibrate int8"
 
 
 @functools.lru_cache(maxsize=1)
 def _openvino_core():
-    import openvino as ov
+    from .telemetry import import_openvino
 
-    return ov.Core()
+    return import_openvino().Core()
 
 
 # ---------------------------------------------------------------- one compiled module
@@ -510,6 +613,8 @@ class CompileTarget:
             self._busy = False
         if self.counts.graphs != graphs:
             self.counts.compile_s += time.perf_counter() - start
+        if out is _CALIBRATING:
+            return self.eager(*args, **kwargs)
         if out is _EAGER:
             self.counts.eager_calls += 1
             if not self._warned_eager:
@@ -518,6 +623,16 @@ class CompileTarget:
                 self._warned_eager = True
             return self.eager(*args, **kwargs)
         return self.io.finish(out, return_dict)
+
+    def end_run(self) -> None:
+        """A run ended normally: engines that build from what the run recorded (int8 calibration) do it now."""
+        finish = getattr(self.engine, "end_run", None)
+        if finish is not None:
+            self._busy = True  # tracing calls the module's forward: let those calls through to eager
+            try:
+                finish(self)
+            finally:
+                self._busy = False
 
     def release(self) -> None:
         """Drop every compiled artifact (graphs, OpenVINO models) and the weight record."""

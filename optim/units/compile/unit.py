@@ -18,6 +18,7 @@ Three hazards are handled here rather than left to the user:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -41,6 +42,7 @@ from .engines import (
     _install,
     _ModuleCompilerEngine,
     _OpenVinoEngine,
+    _TextEncoderIO,
     _UnetIO,
 )
 
@@ -107,6 +109,9 @@ def check_backend(cfg: CompileConfig, device: torch.device) -> None:
         _check_inductor(device)
     elif cfg.backend == "openvino":
         _check_openvino(device)
+        if cfg.openvino_int8 != "off" and not package_available("nncf"):
+            raise UnavailableError(f"compile.openvino_int8={cfg.openvino_int8}", "the nncf package (OpenVINO's "
+                                   "quantizer) is not installed", "pip install nncf, or set openvino_int8 off")
     else:
         _check_cuda_only(cfg.backend, device)
 
@@ -172,7 +177,7 @@ def make_engine(cfg: CompileConfig, label: str) -> Callable[[CompileTarget], obj
 
 def report_compiles(cfg: CompileConfig, targets: list, before: list, run: RunContext) -> None:
     """Add what this run compiled to the run's counters and notes (compile time apart from run time)."""
-    graphs = seconds = rebuilds = eager = 0
+    graphs = seconds = rebuilds = eager = calibration = 0
     built = []
     for target, old in zip(targets, before):
         new = target.counts
@@ -180,20 +185,28 @@ def report_compiles(cfg: CompileConfig, targets: list, before: list, run: RunCon
         seconds += new.compile_s - old.compile_s
         rebuilds += new.rebuilds - old.rebuilds
         eager += new.eager_calls - old.eager_calls
+        calibration += new.calibration_calls - old.calibration_calls
         group = target.io.label.split(".")[0]  # blocks granularity: unet.down_blocks.0... -> unet
         if new.graphs != old.graphs and group not in built:
             built.append(group)
+    if calibration:
+        run.count("compile_calibration_calls", calibration)
+        run.note(f"compile ({cfg.backend} int8 {cfg.openvino_int8}): {calibration} call(s) ran uncompiled while "
+                 "their inputs were recorded to calibrate the int8 model, built when the run ended")
     if graphs:
+        int8 = sum(sum(getattr(t.engine, "int8_ops", {}).values()) for t in targets)
         run.count("compile_graphs", graphs)
         run.counters["compile_s"] = round(run.counters.get("compile_s", 0.0) + seconds, 3)
         run.note(f"compile ({cfg.backend}): built {graphs} graph(s) for {', '.join(built)} in {seconds:.1f}s, "
-                 "included in this run's time")
+                 "included in this run's time" + (f"; int8 {cfg.openvino_int8}: {int8} operations quantized"
+                                                 if cfg.openvino_int8 != "off" else ""))
     if rebuilds:
         run.count("compile_rebuilds", rebuilds)
         run.note("compile: weights changed after compiling (LoRA or weight patch); recompiled with the new weights")
     if eager:
         run.count("compile_eager_calls", eager)
-        run.note(f"compile: {eager} call(s) ran eager (inputs {cfg.backend} cannot take, e.g. ControlNet residuals)")
+        run.note(f"compile: {eager} call(s) ran eager (inputs {cfg.backend} cannot take: ControlNet residuals, or a "
+                 "text encoder asked for its hidden states)")
 
 
 @contextmanager
@@ -205,9 +218,14 @@ def _compile_scope(cfg: CompileConfig, targets: list, run: RunContext):
             target.ensure_fresh()
             target.in_run = True
             stack.callback(setattr, target, "in_run", False)
+        ended = False
         try:
             yield
+            ended = True
         finally:
+            if ended:
+                for target in targets:
+                    target.end_run()
             report_compiles(cfg, targets, before, run)
 
 
@@ -230,14 +248,17 @@ class Compile(Unit):
         check_backend(cfg, torch.device(ctx.device))
 
     def fallback(self, cfg: CompileConfig, ctx: ApplyContext) -> CompileConfig | None:
-        """On a machine without the chosen compiler: inductor (frozen on a CPU), else OpenVINO, else nothing."""
+        """On a machine without the chosen compiler: OpenVINO in float if only its quantizer is missing, else
+        inductor (frozen on a CPU), else OpenVINO, else nothing."""
         cpu = torch.device(ctx.device).type == "cpu"
         common = {"dynamic": cfg.dynamic, "targets": cfg.targets, "on_weight_change": cfg.on_weight_change}
         candidates = [CompileConfig(backend="inductor", freezing=cpu, granularity=cfg.granularity, **common)]
         if cfg.granularity != "blocks":
             candidates.append(CompileConfig(backend="openvino", granularity=cfg.granularity, **common))
+        if cfg.openvino_int8 != "off":
+            candidates.insert(0, dataclasses.replace(cfg, openvino_int8="off"))
         for candidate in candidates:
-            if candidate.backend == cfg.backend:
+            if candidate.backend == cfg.backend and candidate.openvino_int8 == cfg.openvino_int8:
                 continue
             try:
                 self.check(candidate, ctx)
@@ -260,8 +281,10 @@ class Compile(Unit):
             modules = [(f"unet.{name}", block, _BlockIO) for name, block in _unet_blocks(unet)]
         else:
             modules = [("unet", unet, _UnetIO)]
-        if cfg.targets == "unet+vae":
+        if "vae" in cfg.targets.split("+"):
             modules.append(("vae_decoder", _vae_decoder(pipe.vae), _DecoderIO))
+        if "text_encoder" in cfg.targets.split("+"):
+            modules.append(("text_encoder", _text_encoder(pipe), _TextEncoderIO))
         if cfg.backend == "openvino":
             _require_openvino_dtypes(modules)
         if cfg.mode in ("reduce-overhead", "max-autotune") and torch.device(ctx.device).type != "cuda":
@@ -296,6 +319,14 @@ def _vae_decoder(vae) -> torch.nn.Module:
         raise ConfigError("CompileConfig.targets", f"this VAE ({type(vae).__name__}) has no decoder module to compile",
                           "use targets unet")
     return decoder
+
+
+def _text_encoder(pipe) -> torch.nn.Module:
+    encoder = getattr(pipe, "text_encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise ConfigError("CompileConfig.targets", f"this pipeline ({type(pipe).__name__}) has no text encoder to "
+                          "compile", "use targets unet+vae")
+    return encoder
 
 
 def _require_openvino_dtypes(modules) -> None:
