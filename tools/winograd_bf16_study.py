@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdaccel.optim.bench.timing import timed_runs
+
 
 SHAPES = [  # (where, N, C, K, H, W) at 512x512
     ("unet 64x64", 2, 320, 320, 64, 64),
@@ -35,8 +37,6 @@ SPLITS = ((32, False), (32, True))  # (block, by_channels) as the calibration sc
 
 
 def _median(fn, repeats: int) -> float:
-    from sdaccel.optim.bench.timing import timed_runs
-
     return statistics.median(timed_runs(fn, repeats))
 
 

@@ -119,6 +119,12 @@ inline void for_each_run(const Geometry& g, int64_t p0, int64_t count, F&& fn) {
 }
 
 inline void store(float* dst, float v) { *dst = v; }
+
+// o[c] += coef * s[c] for c < n: the one vector step every transform is made of (a row of a transform matrix
+// applied to a channel-minor slab).
+inline void axpy(float* o, float coef, const float* s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) o[c] += coef * s[c];
+}
 inline void store(c10::BFloat16* dst, float v) { *dst = c10::BFloat16(v); }
 
 // V[xi][t][c] = (B^T d B)[xi] for the run's tiles, channels [c0, c0 + cb); V rows are `ldv` apart.
@@ -170,7 +176,7 @@ void input_run(const float* x, const Geometry& g, const Run& run, int64_t tiles_
           const float coef = Mt::BT[i][k];
           if (coef == 0.f) continue;
           const float* s = stage + ((int64_t)k * X + off + j) * CB;
-          for (int64_t c = 0; c < cb; ++c) o[c] += coef * s[c];
+          axpy(o, coef, s, cb);
         }
       }
     }
@@ -187,7 +193,7 @@ void input_run(const float* x, const Geometry& g, const Run& run, int64_t tiles_
           const float coef = Mt::BT[j][k];
           if (coef == 0.f) continue;
           const float* s = rows[i][k];
-          for (int64_t c = 0; c < cb; ++c) acc[c] += coef * s[c];
+          axpy(acc, coef, s, cb);
         }
         VT* o = V + ((int64_t)(i * A + j) * tiles_in_block + trow) * ldv + c0;
         for (int64_t c = 0; c < cb; ++c) store(o + c, acc[c]);
@@ -220,7 +226,7 @@ void output_run(const float* Mm, int64_t ldm, int64_t mk0, const Geometry& g, co
           const float coef = Mt::AT[p][i];
           if (coef == 0.f) continue;
           const float* s = src + (int64_t)(i * A + j) * step;
-          for (int64_t k = 0; k < kb; ++k) o[k] += coef * s[k];
+          axpy(o, coef, s, kb);
         }
       }
     }
@@ -237,7 +243,7 @@ void output_run(const float* Mm, int64_t ldm, int64_t mk0, const Geometry& g, co
           const float coef = Mt::AT[q][j];
           if (coef == 0.f) continue;
           const float* s = cols[p][j];
-          for (int64_t k = 0; k < kb; ++k) o[k] += coef * s[k];
+          axpy(o, coef, s, kb);
         }
       }
     }

@@ -492,7 +492,7 @@ class _OpenVinoEngine:
 
     def end_run(self, target: "CompileTarget") -> None:
         """After a run that recorded int8 calibration inputs: build the quantized model for each recorded key."""
-        for key in [k for k in self.calibration if k not in self.models]:
+        for key in list(self.calibration):  # recorded only for keys without a model; popped when built
             samples = self.calibration.pop(key)
             start = time.perf_counter()
             try:

@@ -177,7 +177,7 @@ def make_engine(cfg: CompileConfig, label: str) -> Callable[[CompileTarget], obj
 
 def report_compiles(cfg: CompileConfig, targets: list, before: list, run: RunContext) -> None:
     """Add what this run compiled to the run's counters and notes (compile time apart from run time)."""
-    graphs = seconds = rebuilds = eager = calibration = 0
+    graphs = seconds = rebuilds = eager = calibration = int8 = 0
     built = []
     for target, old in zip(targets, before):
         new = target.counts
@@ -187,14 +187,15 @@ def report_compiles(cfg: CompileConfig, targets: list, before: list, run: RunCon
         eager += new.eager_calls - old.eager_calls
         calibration += new.calibration_calls - old.calibration_calls
         group = target.io.label.split(".")[0]  # blocks granularity: unet.down_blocks.0... -> unet
-        if new.graphs != old.graphs and group not in built:
-            built.append(group)
+        if new.graphs != old.graphs:
+            int8 += sum(getattr(target.engine, "int8_ops", {}).values())  # the quantized models this target holds
+            if group not in built:
+                built.append(group)
     if calibration:
         run.count("compile_calibration_calls", calibration)
         run.note(f"compile ({cfg.backend} int8 {cfg.openvino_int8}): {calibration} call(s) ran uncompiled while "
                  "their inputs were recorded to calibrate the int8 model, built when the run ended")
     if graphs:
-        int8 = sum(sum(getattr(t.engine, "int8_ops", {}).values()) for t in targets)
         run.count("compile_graphs", graphs)
         run.counters["compile_s"] = round(run.counters.get("compile_s", 0.0) + seconds, 3)
         run.note(f"compile ({cfg.backend}): built {graphs} graph(s) for {', '.join(built)} in {seconds:.1f}s, "
