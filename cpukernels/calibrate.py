@@ -390,6 +390,26 @@ class Calibration:
                 self.save()
             return entry
 
+    def other_batch(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> tuple[int, dict] | None:
+        """(batch, timings scaled to batch `n`) of this shape measured at the nearest other batch size, or None.
+
+        A host meets the same layer at two batch sizes (ComfyUI runs the conditional and unconditional passes
+        batched or one by one as memory allows; a CFG cutoff drops to one): the ranking of the candidates follows
+        the layer's shape, and the time per call grows with the batch, so a known batch stands in for an unknown
+        one instead of measuring the layer again (at 512x512 that is about half a minute per layout)."""
+        key = shape_key(n, c, k, h, w, pad, dtype, device, channels_last=channels_last, fused=self.fused,
+                        native=self.native)
+        rest = key.split("-", 1)[1]
+        found = []
+        for other, entry in self.table.items():
+            head, _, tail = other.partition("-")
+            if tail == rest and head[1:].isdigit() and int(head[1:]) != n:
+                found.append((abs(int(head[1:]) - n), int(head[1:]), entry))
+        if not found:
+            return None
+        _, batch, entry = min(found, key=lambda item: item[:2])
+        return batch, {name: t * n / batch for name, t in entry.items()}
+
     def choose(self, n, c, k, h, w, pad, dtype, device, channels_last: bool = False) -> tuple[str, int, int]:
         """The fastest way to run this shape (F.conv2d unless Winograd wins by the margin)."""
         return best_choice(self.timings(n, c, k, h, w, pad, dtype, device, channels_last))

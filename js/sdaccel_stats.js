@@ -2,9 +2,9 @@
 // text is composed in Python, this file keeps it and draws it.
 // - The SDAccel Sampler returns them as its UI output `sdaccel_stats` (nodes/generation.py, badge_lines).
 // - The MODEL patches (category sdaccel/model_patches) are no output nodes: after each KSampler run they send the
-//   websocket event "sdaccel.model_patch" {node, title, lines, counters} (nodes/model_patches.py, RunReport).
-// Both are kept here per workflow tab (the one active when the prompt started) and node id (the prompt's id: "6",
-// or "5:3" inside a subgraph). A sampler this page has no stats for shows the outputs ComfyUI keeps for the tab
+//   websocket event "sdaccel.model_patch" {node, prompt_id, title, lines, counters} (nodes/model_patches.py, RunReport).
+// Both are kept here per workflow tab (the one the prompt was queued from: the page's queue calls are watched for
+// the prompt ids they get; the events carry it) and node id (the prompt's id: "6", or "5:3" inside a subgraph). A sampler this page has no stats for shows the outputs ComfyUI keeps for the tab
 // (app.nodeOutputs: a workflow loaded from the queue history).
 // - A re-queue ComfyUI serves from its cache ("execution_cached", no new stats) keeps the last stats, marked.
 // - Lines wrap to the node's width; the badge is never wider than its node.
@@ -21,7 +21,9 @@ const PADDING = 6;
 const NO_WORKFLOW = {}; // the key when the page has no workflow store
 
 const runs = new WeakMap(); // workflow -> { stats: Map(execution id -> {lines}), cached: Set(execution id) }
-let runWorkflow = null; // the workflow tab the running prompt was queued from (the active one when it started)
+let runWorkflow = null; // the workflow tab the running prompt was queued from
+const queuedFrom = new Map(); // prompt id -> the workflow tab active when this page queued it
+const QUEUED_KEPT = 256; // ids remembered (oldest forgotten first)
 
 function activeWorkflow() {
   return app.extensionManager?.workflow?.activeWorkflow ?? NO_WORKFLOW;
@@ -31,6 +33,28 @@ function runsOf(workflow) {
   let state = runs.get(workflow);
   if (!state) runs.set(workflow, (state = { stats: new Map(), cached: new Set() }));
   return state;
+}
+
+// The tab a prompt came from: where this page queued it, else (queued elsewhere: another page, the API) the tab
+// active now.
+function workflowOf(promptId) {
+  return (promptId != null && queuedFrom.get(String(promptId))) || activeWorkflow();
+}
+
+// Record which tab each prompt is queued from: a prompt waits in ComfyUI's queue while the user moves on to
+// another tab, so the tab active when it starts (or ends) is not its own.
+function watchQueueCalls() {
+  const queuePrompt = api.queuePrompt;
+  if (typeof queuePrompt !== "function") return;
+  api.queuePrompt = async function (...args) {
+    const workflow = activeWorkflow();
+    const answer = await queuePrompt.apply(this, args);
+    if (answer?.prompt_id != null) {
+      queuedFrom.set(String(answer.prompt_id), workflow);
+      while (queuedFrom.size > QUEUED_KEPT) queuedFrom.delete(queuedFrom.keys().next().value);
+    }
+    return answer;
+  };
 }
 
 function redraw() {
@@ -126,18 +150,19 @@ function drawBadge(node, ctx) {
 // Loaded once even if ComfyUI serves this folder under two names (the pack folder and pyproject's `web`).
 if (!globalThis.__sdaccelRunStats) {
   globalThis.__sdaccelRunStats = true;
-  api.addEventListener("execution_start", () => {
-    runWorkflow = activeWorkflow();
+  watchQueueCalls();
+  api.addEventListener("execution_start", ({ detail }) => {
+    runWorkflow = workflowOf(detail?.prompt_id);
     runsOf(runWorkflow).cached.clear();
   });
   api.addEventListener("execution_cached", ({ detail }) => {
-    const state = runsOf(runWorkflow ?? activeWorkflow());
+    const state = runsOf(detail?.prompt_id != null ? workflowOf(detail.prompt_id) : runWorkflow ?? activeWorkflow());
     for (const id of detail?.nodes ?? []) state.cached.add(String(id));
     redraw();
   });
   api.addEventListener(PATCH_EVENT, ({ detail }) => {
     if (detail?.node == null || !Array.isArray(detail.lines)) return;
-    const state = runsOf(runWorkflow ?? activeWorkflow());
+    const state = runsOf(detail.prompt_id != null ? workflowOf(detail.prompt_id) : runWorkflow ?? activeWorkflow());
     state.stats.set(String(detail.node), { lines: detail.lines });
     state.cached.delete(String(detail.node));
     redraw();

@@ -38,6 +38,19 @@ def _prompt_server():
     return getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
 
 
+def _running_prompt_id(server) -> str | None:
+    """The id of the prompt being executed: ComfyUI's execution context (set around each node's execution), else
+    the id its queue loop last started; the page files the stats under the tab that queued that prompt."""
+    try:
+        context = _comfy("comfy_execution.utils").get_executing_context()
+    except (ImportError, AttributeError):
+        context = None
+    if context is not None and getattr(context, "prompt_id", None):
+        return str(context.prompt_id)
+    prompt_id = getattr(server, "last_prompt_id", None)
+    return None if prompt_id is None else str(prompt_id)
+
+
 def comfy_conv_weights(conv, x):
     """The weight and bias ComfyUI's own Conv2d uses for this call (`comfy.ops.cast_bias_weight`: cast to the
     input's dtype and device), or None where ComfyUI makes them per call itself (a LoRA applied through weight
@@ -79,7 +92,8 @@ class RunReport:
             log.info("%s: %s", self.title, line)
         server = _prompt_server()
         if server is not None and self.node_id is not None:
-            server.send_sync(STATS_EVENT, {"node": self.node_id, "title": self.title, "lines": lines,
+            server.send_sync(STATS_EVENT, {"node": self.node_id, "prompt_id": _running_prompt_id(server),
+                                           "title": self.title, "lines": lines,
                                            "counters": dict(self.context.counters)}, server.client_id)
 
 
@@ -151,10 +165,10 @@ class SDAccelWinogradModel(_ModelPatch):
     DESCRIPTION = ("Winograd convolution on the diffusion model's 3x3 convolutions: fewer multiplications on a CPU, "
                    "the same image to fp32 rounding. The transformed filters follow the weights ComfyUI uses for "
                    "the run (LoRAs included) and are kept while those weights stay. The first use of each new "
-                   "image size measures its convolution shapes on this CPU (a minute or two at 512x512 on 2 "
+                   "image size measures its convolution shapes on this CPU (about 40 s at 512x512 on 2 "
                    "cores, shown on this node, stopped by Cancel) and keeps the result. Pays most at small sizes "
-                   "(1.76x at 256x256; about 1x at 512x512 on 2 cores, with 6-7 GB of transformed filters). CPU "
-                   "only; on a GPU the model samples unchanged.")
+                   "(1.76x at 256x256); at 512x512 ComfyUI's CPU attention dominates the step: put SDAccel "
+                   "Attention (model) in front. CPU only; on a GPU the model samples unchanged.")
     # The compiled transforms take 7% off the UNet's convolution time at 512x512 but cost a one-time compile of
     # about 4 minutes on 2 cores (2 with inductor's disk cache warm): opt-in here, where a first run must not
     # stall a queue.

@@ -23,6 +23,13 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_variants_timed_against_another_run_after_it():
+    assert bench.run_order(["sdpa+cfg-cutoff", "winograd"]) == \
+        ["baseline", "attention-pytorch", "sdpa+cfg-cutoff", "winograd"]
+    assert bench.run_order(["winograd", "baseline", "attention-pytorch", "sdpa+deepcache"]) == \
+        ["baseline", "winograd", "attention-pytorch", "sdpa+deepcache"]
+
+
 @pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
 def test_bench_times_the_patches_in_the_real_host_and_compares_their_images(tmp_path):
     from pathlib import Path

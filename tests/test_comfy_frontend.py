@@ -175,6 +175,56 @@ def test_long_lines_wrap_to_the_node_width(runs):
     assert_drawn(drawn, badge["lines"], cached=badge["cached"])
 
 
+# Queue the active tab's prompt (a long one that holds ComfyUI's queue), go to the other tab, queue its prompt and
+# come straight back: that prompt starts and ends while the first tab is the active one. Wait for both to finish.
+QUEUE_BEHIND = """async ([first, second, timeoutMs]) => {
+  const api = window.comfyAPI.api.api;
+  const store = app.extensionManager.workflow;
+  const goTo = async (path) => {
+    for (let i = 0; i < 6 && store.activeWorkflow.path !== path; i++)
+      await app.extensionManager.command.execute("Workspace.NextOpenedWorkflow");
+  };
+  const set = (values) => { for (const node of app.graph.nodes) for (const w of node.widgets ?? [])
+    if (values[node.type]?.[w.name] !== undefined) w.value = values[node.type][w.name]; };
+  let finished = 0;
+  const done = new Promise((resolve) => {
+    const count = (e) => { if (e.type === "execution_error") resolve({ event: e.type, finished, error: e.detail?.exception_message });
+      else if (++finished === 2) resolve({ event: e.type, finished }); };
+    api.addEventListener("execution_success", count);
+    api.addEventListener("execution_error", count);
+    setTimeout(() => resolve({ event: "timeout", finished }), timeoutMs);
+  });
+  await goTo(first.path);
+  set(first.widgets);
+  await app.queuePrompt(0, 1);
+  await goTo(second.path);
+  set(second.widgets);
+  await app.queuePrompt(0, 1);
+  await goTo(first.path);
+  return await done;
+}"""
+
+
+def test_stats_go_to_the_tab_the_prompt_was_queued_from(comfy, runs):
+    """A prompt waiting in ComfyUI's queue while the user works in another tab: its patch's stats land on the tab
+    it was queued from, not on the tab active when it ran."""
+    page, _, _ = runs
+    sampler, patch = "workflows/sdaccel-sampler.json", "workflows/sdaccel-patch.json"
+    before = len(patch_lines(comfy, 0))
+    result = page.page.evaluate(QUEUE_BEHIND, [{"path": sampler, "widgets": {"SDAccelSampler": {"steps": 200}}},
+                                               {"path": patch, "widgets": {"KSampler": {"steps": 4}}},
+                                               comfy_host.RUN_TIMEOUT_S * 1000])
+    assert result == {"event": "execution_success", "finished": 2}, result
+    queued = patch_lines(comfy, before)
+    assert queued and queued[-1].endswith("s per step over 4 steps"), queued
+    assert page.page.evaluate("() => app.extensionManager.workflow.activeWorkflow.path") == sampler  # meanwhile
+    for _ in range(6):
+        if page.switch_tab("Workspace.NextOpenedWorkflow") == patch:
+            break
+    assert_drawn(page.drawn(PATCH_NODE), queued)
+    assert not page.frontend.our_errors(), page.frontend.our_errors()
+
+
 def _index() -> list[tuple[str, str, str]]:
     groups = json.loads(INDEX.read_text(encoding="utf-8"))["groups"]
     return [(name, title, group["group"]) for group in groups for name, title in group["templates"]]

@@ -246,6 +246,34 @@ def test_calibration_is_measured_once_and_kept_on_disk(tmp_path):
     assert fourth.measured_shapes == 1 and json.loads(fourth.path.read_text())["measurement"] == MEASUREMENT
 
 
+def test_a_shape_known_at_another_batch_size_is_not_measured_again(tmp_path, monkeypatch):
+    """ComfyUI meets a layer batched (cond + uncond) and one pass at a time: the second layout reuses the first's
+    measurement, scaled to its batch; a shape never measured at any batch is still measured."""
+    from sdaccel.cpukernels import calibrate
+    from sdaccel.optim.core.registry import RunContext
+    from sdaccel.optim.units.winograd.unit import WinogradConfig, WinogradPlanner
+
+    planner = WinogradPlanner(WinogradConfig(kernel="pytorch", fused_transforms=False), str(tmp_path))
+    cpu = torch.device("cpu")
+    planner.calibration.table[calibrate.shape_key(2, 8, 16, 12, 12, 1, torch.float32, cpu)] = \
+        {"conv2d": 1.0, "f2b0": 0.9, "f4b0": 0.5}
+    planner.calibration.table[calibrate.shape_key(8, 8, 16, 12, 12, 1, torch.float32, cpu)] = \
+        {"conv2d": 1.0, "f2b0": 0.5, "f4b0": 0.9}
+    measured = []
+    monkeypatch.setattr(calibrate, "measure_shape", lambda *a, **k: measured.append(a[:5]) or {"conv2d": 1.0})
+    planner.run = RunContext(pipe=None, family=None, device="cpu", steps=1, batch=1, cfg_steps=1)
+    cache = FilterCache(2**30)
+    layer = WinogradConv2d(torch.nn.Conv2d(8, 16, 3, padding=1), planner, cache)
+    assert planner(layer, torch.randn(1, 8, 12, 12)) == ("winograd", 4, 0)  # batch 2's winner: the nearest batch
+    assert planner.calibration.other_batch(1, 8, 16, 12, 12, 1, torch.float32, cpu) == \
+        (2, {"conv2d": 0.5, "f2b0": 0.45, "f4b0": 0.25})  # per call, scaled to one image
+    assert planner(layer, torch.randn(6, 8, 12, 12)) == ("winograd", 2, 0)  # nearer to 8 than to 2
+    assert not measured and planner.run.counters["winograd_shapes_from_another_batch"] == 2
+    other = WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1), planner, cache)  # another shape: measured
+    assert planner(other, torch.randn(1, 8, 12, 12)) == ("conv2d", 0, 0)
+    assert measured == [(1, 8, 8, 12, 12)]
+
+
 def test_a_failed_calibration_save_keeps_the_old_table_and_no_partial_file(tmp_path, monkeypatch):
     calib = Calibration(tmp_path, repeats=1)
     calib.choose(1, 8, 8, 12, 12, 1, torch.float32, torch.device("cpu"))

@@ -35,6 +35,7 @@ class Variant:
     description: str
     patches: tuple = ()
     engine: tuple | None = None  # (optimization kind, fields) or ("request", fields); None: nothing to match
+    reference: str = "baseline"  # the variant this one's speedup is against (PSNR is always against the baseline)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -66,6 +67,20 @@ VARIANTS: dict[str, Variant] = {
     "compile-openvino": Variant("SDAccel Compile (model), OpenVINO",
                                 (("SDAccelCompileModel", {"backend": "openvino"}),),
                                 ("compile", {"backend": "openvino"})),
+    # The same toggles behind the Attention patch, timed against it: ComfyUI with the attention the engine runs
+    # (SDPA), so the toggle's own gain is compared with the engine's like for like.
+    "sdpa+cfg-cutoff": Variant("Attention pytorch + CFG cutoff 50%, against Attention pytorch alone",
+                               (("SDAccelAttentionModel", {"backend": "pytorch"}),
+                                ("SDAccelCFGCutoffModel", {"cfg_cutoff": 0.5})),
+                               ("request", {"cfg_cutoff": 0.5}), reference="attention-pytorch"),
+    "sdpa+deepcache": Variant("Attention pytorch + DeepCache (interval 3, branch 0), against Attention pytorch alone",
+                              (("SDAccelAttentionModel", {"backend": "pytorch"}),
+                               ("SDAccelDeepCacheModel", {"cache_interval": 3, "cache_branch_id": 0})),
+                              ("deepcache", {"cache_interval": 3, "cache_branch_id": 0}),
+                              reference="attention-pytorch"),
+    "sdpa+winograd": Variant("Attention pytorch + Winograd, against Attention pytorch alone",
+                             (("SDAccelAttentionModel", {"backend": "pytorch"}), ("SDAccelWinogradModel", _WINOGRAD)),
+                             ("winograd", {"vae": False, **_WINOGRAD}), reference="attention-pytorch"),
 }
 
 
@@ -85,6 +100,17 @@ class ComfyBenchSettings:
 
 
 MODELS = ("sd15", "sd15-shallow")
+
+
+def run_order(variants: list[str]) -> list[str]:
+    """The baseline first, then each variant's reference (added if missing) before the variants timed against
+    it, otherwise in the order given."""
+    order: list[str] = ["baseline"]
+    for name in variants:
+        for needed in (VARIANTS[name].reference, name):
+            if needed not in order:
+                order.append(needed)
+    return order
 
 
 def widget_defaults(server, node_type: str) -> dict:
@@ -239,8 +265,7 @@ def run_comfyui_bench(settings: ComfyBenchSettings, *, say: Callable[[str], None
     if unknown:
         raise ConfigError("bench comfyui --variants", f"unknown {', '.join(unknown)}",
                           f"choose from {', '.join(VARIANTS)} (comma-separated)")
-    if "baseline" not in settings.variants:
-        settings.variants = ["baseline", *settings.variants]
+    settings.variants = run_order(settings.variants)
     for name, value, low in (("repeats", settings.repeats, 1), ("warmup", settings.warmup, 0),
                              ("size", settings.size, 64), ("steps", settings.steps, 1)):
         if value < low:
@@ -274,12 +299,15 @@ def _bench_in(base: Path, settings: ComfyBenchSettings, say) -> dict:
         server.stop()
     engine = _engine_denoise(settings, say) if settings.engine else {}
     timed = {r["variant"]: r for r in rows if "median_s" in r}
-    base_native = timed.get("baseline", {}).get("median_s")
     base_engine = engine.get("baseline", {}).get("median_s")
     for row in rows:
         if "median_s" not in row:
             continue
+        reference = VARIANTS[row["variant"]].reference
+        base_native = timed.get(reference, {}).get("median_s")
         row["speedup"] = round(base_native / row["median_s"], 3) if base_native else None
+        if reference != "baseline":
+            row["speedup_against"] = reference
         theirs = engine.get(row["variant"], {})
         row["engine_denoise"] = theirs
         if "median_s" in theirs and base_engine:
@@ -309,8 +337,8 @@ def format_comfyui_table(report: dict) -> str:
     lines.append(f"{report['family']} {s['size']}x{s['size']}, {s['steps']} steps euler/normal, cfg {s['cfg']}, "
                  f"{s['repeats']} seeds after {s['warmup']} warm-up; {m.get('cpu')} ({m.get('torch_threads')} "
                  f"threads). Time = "
-                 f"KSampler in ComfyUI (its history timestamps); engine = the engine's denoise loop with the same "
-                 f"toggle; share = the patch's gain over the engine's (target {TARGET_SHARE:.0%}); PSNR/SSIM "
+                 f"KSampler in ComfyUI (its history timestamps); speedup against the baseline, or for sdpa+* "
+                 f"against attention-pytorch; engine = the engine's denoise loop with the same toggle; share = the patch's gain over the engine's (target {TARGET_SHARE:.0%}); PSNR/SSIM "
                  f"against the baseline image of the same seed")
     return "\n".join(lines)
 

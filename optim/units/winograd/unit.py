@@ -123,8 +123,15 @@ class WinogradPlanner:
                 return self._native_choice(layer, choice, key, (1e-9, choice))
             return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
         calibration, k = self.calibration, layer.out_channels
-        progress = None
-        if not calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last):
+        progress, timings = None, None
+        borrowed = None if calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last) else \
+            calibration.other_batch(n, c, k, h, w, layer.pad, dtype, device, channels_last)
+        if borrowed is not None:
+            log.info("winograd: N%d C%d->K%d %dx%d runs as measured at batch %d", n, c, k, h, w, borrowed[0])
+            timings = borrowed[1]
+            if self.run is not None:
+                self.run.count("winograd_shapes_from_another_batch")
+        elif not calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last):
             what = (f"measuring Winograd on this CPU for N{n} C{c}->K{k} {h}x{w}"
                     f"{' channels-last' if channels_last else ''} (first use of this shape; kept for next time)")
             log.info("winograd: %s", what)
@@ -135,7 +142,8 @@ class WinogradPlanner:
                     run.busy(what, done, total)
 
         before = calibration.measured_s
-        timings = calibration.timings(n, c, k, h, w, layer.pad, dtype, device, channels_last, progress=progress)
+        if timings is None:
+            timings = calibration.timings(n, c, k, h, w, layer.pad, dtype, device, channels_last, progress=progress)
         if self.run is not None and calibration.measured_s > before:
             self.run.count("winograd_calibration_s", round(calibration.measured_s - before, 3))
             self.run.count("winograd_calibrated_shapes")
