@@ -124,14 +124,14 @@ class WinogradPlanner:
             return ("winograd", m, 0) if layer.reserve(m) else ("conv2d", 0, 0)
         calibration, k = self.calibration, layer.out_channels
         progress, timings = None, None
-        borrowed = None if calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last) else \
-            calibration.other_batch(n, c, k, h, w, layer.pad, dtype, device, channels_last)
+        known = calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last)
+        borrowed = None if known else calibration.other_batch(n, c, k, h, w, layer.pad, dtype, device, channels_last)
         if borrowed is not None:
             log.info("winograd: N%d C%d->K%d %dx%d runs as measured at batch %d", n, c, k, h, w, borrowed[0])
             timings = borrowed[1]
             if self.run is not None:
                 self.run.count("winograd_shapes_from_another_batch")
-        elif not calibration.known(n, c, k, h, w, layer.pad, dtype, device, channels_last):
+        elif not known:
             what = (f"measuring Winograd on this CPU for N{n} C{c}->K{k} {h}x{w}"
                     f"{' channels-last' if channels_last else ''} (first use of this shape; kept for next time)")
             log.info("winograd: %s", what)
