@@ -1,9 +1,12 @@
 """A1111/Forge run this when the extension is installed or updated: install what SDAccel needs, keeping the
 host's pins.
 
-A requirement that is missing is installed; one the host already has in an older version is never upgraded
-(A1111 pins transformers 4.30 and a hub below 1.0, Forge diffusers 0.31 and accelerate 0.31): SDAccel says so
-in one line and, at start-up, disables only what needs the newer version (extension/requirements.py).
+A requirement that is missing is installed, in its floor's release series (`diffusers>=0.31` as
+`diffusers~=0.31.0`: the version the real-host lanes run beside the hosts' pinned libraries; a newer one may
+want newer libraries than the host pins) and with everything the host already has pinned as it is. One the
+host already has in an older version is never upgraded: SDAccel says so in one line and, at start-up,
+disables only what needs the newer version (extension/requirements.py). A1111 1.10 has no diffusers and pins
+transformers 4.30.2: it gets diffusers 0.31.x, and the tab runs.
 """
 
 from importlib import metadata
@@ -22,6 +25,11 @@ def _parse(line: str):
     return requirement, name.strip(), minimum.strip()
 
 
+def _floor_series(name: str, minimum: str) -> str:
+    major_minor = ".".join((minimum.split(".") + ["0"])[:2])
+    return f"{name}~={major_minor}.0"
+
+
 def _older(found: str, minimum: str) -> bool:
     def key(text):
         return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in text.split(".")[:3])
@@ -38,7 +46,7 @@ for line in _REQUIREMENTS.read_text(encoding="utf-8").splitlines():
     try:
         found = metadata.version(name)
     except metadata.PackageNotFoundError:
-        missing.append(requirement)
+        missing.append(_floor_series(name, minimum) if minimum else requirement)
         continue
     pins.append(f"{name}=={found}")  # what the host has stays as it is, also for what gets installed
     if _older(found, minimum):

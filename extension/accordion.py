@@ -4,12 +4,17 @@ generation, removed after it (the same engine code as ComfyUI's MODEL patches, `
 - Winograd: hooks on the UNet's 3x3 convolutions (CPU only; the same image to fp32 rounding). The transformed
   filters are kept between generations while the weights stay (a LoRA change remakes them).
 - Channels-last: the UNet's 4-D weights relaid NHWC during the run, put back after it (lossless).
+- DeepCache: every `interval` denoiser steps the whole UNet runs; in between only its outer layers do, resuming
+  from the kept deep features (`optim/native/deepcache.py`, lossy). With a ControlNet's residuals in the call
+  (Forge passes them to the UNet) or another extension's hook on the UNet's forward (A1111's ControlNet) it steps
+  aside: the full UNet every step, said in the console.
 - CFG cutoff: after the given fraction of the denoiser calls, the unconditional pass is skipped, reusing A1111's
   own skip (the one NGMS uses: `s_min_uncond` with "all steps"). SDAccel's differs from A1111's two options in
   when it skips: "Skip Early CFG" skips the *first* steps, NGMS every *other* step below a sigma; the cutoff skips
   *every* step after a point, which keeps the composition (set early) and halves the UNet batch late.
-Choices go into the image's `parameters` as `SDAccel: winograd, channels_last, cfg_cutoff=0.5`, and are read
-back by "send to txt2img".
+Choices go into the image's `parameters` as `SDAccel: winograd, channels_last, deepcache=3, cfg_cutoff=0.5`, and
+are read back by "send to txt2img". Forge runs the same denoiser (A1111's CFG denoiser, its NGMS skip) around a
+ComfyUI-derived UNet in the same layout, so the accordion serves both hosts unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+
+from . import settings
 
 INFOTEXT_KEY = "SDAccel"
 
@@ -29,23 +36,28 @@ class Choice:
     winograd: bool = False
     channels_last: bool = False
     cfg_cutoff: float = 1.0
+    deepcache: int = 1  # DeepCache's cache interval; 1: off (every step runs the whole UNet)
 
-    ORDER = ("enabled", "winograd", "channels_last", "cfg_cutoff")
+    # appended only: API clients send the args positionally, so older lists keep their meaning
+    ORDER = ("enabled", "winograd", "channels_last", "cfg_cutoff", "deepcache")
 
     @classmethod
     def from_args(cls, args) -> "Choice":
         values = dict(zip(cls.ORDER, args))
-        cutoff = values.get("cfg_cutoff", 1.0)
+        cutoff, interval = values.get("cfg_cutoff"), values.get("deepcache")
         return cls(enabled=bool(values.get("enabled")), winograd=bool(values.get("winograd")),
                    channels_last=bool(values.get("channels_last")),
-                   cfg_cutoff=float(cutoff) if cutoff is not None else 1.0)
+                   cfg_cutoff=float(cutoff) if cutoff is not None else 1.0,
+                   deepcache=int(interval) if interval is not None else 1)
 
     @property
     def active(self) -> bool:
-        return self.enabled and (self.winograd or self.channels_last or self.cfg_cutoff < 1.0)
+        return self.enabled and (self.winograd or self.channels_last or self.cfg_cutoff < 1.0 or self.deepcache > 1)
 
     def label(self) -> str:
         parts = [name for name in ("winograd", "channels_last") if getattr(self, name)]
+        if self.deepcache > 1:
+            parts.append(f"deepcache={self.deepcache}")
         if self.cfg_cutoff < 1.0:
             parts.append(f"cfg_cutoff={self.cfg_cutoff:g}")
         return ", ".join(parts)
@@ -53,9 +65,12 @@ class Choice:
     @classmethod
     def from_infotext(cls, text: str) -> "Choice":
         parts = [p.strip() for p in str(text or "").split(",") if p.strip()]
-        cutoff = next((float(p.split("=", 1)[1]) for p in parts if p.startswith("cfg_cutoff=")), 1.0)
+
+        def number(key, default, kind):
+            return next((kind(p.split("=", 1)[1]) for p in parts if p.startswith(key + "=")), default)
+
         return cls(enabled=bool(parts), winograd="winograd" in parts, channels_last="channels_last" in parts,
-                   cfg_cutoff=cutoff)
+                   cfg_cutoff=number("cfg_cutoff", 1.0, float), deepcache=number("deepcache", 1, int))
 
 
 def build_ui(gr, script, is_img2img: bool) -> list:
@@ -63,9 +78,11 @@ def build_ui(gr, script, is_img2img: bool) -> list:
     from ..optim.spec.fields import describe
     from ..optim.spec.pipeline import GenerationRequest
     from ..optim.units.channels_last.config import ChannelsLastConfig
+    from ..optim.units.deepcache.config import DeepCacheConfig
     from ..optim.units.winograd.config import WinogradConfig
 
     cutoff = next(info for info in describe(GenerationRequest) if info.name == "cfg_cutoff")
+    interval = next(info for info in describe(DeepCacheConfig) if info.name == "cache_interval")
     tab = "img2img" if is_img2img else "txt2img"
     with gr.Accordion("SDAccel", open=False, elem_id=f"sdaccel_accordion_{tab}"):
         enabled = gr.Checkbox(value=False, label="Enable SDAccel", elem_id=f"sdaccel_enabled_{tab}")
@@ -77,12 +94,17 @@ def build_ui(gr, script, is_img2img: bool) -> list:
         cfg_cutoff = gr.Slider(minimum=cutoff.min, maximum=cutoff.max, step=cutoff.step, value=cutoff.default,
                                label="CFG cutoff (lossy; 1 = off)", elem_id=f"sdaccel_cfg_cutoff_{tab}")
         gr.Markdown(cutoff.tooltip)
-    controls = [enabled, winograd, channels_last, cfg_cutoff]
+        deepcache = gr.Slider(minimum=interval.min, maximum=interval.max, step=interval.step, value=1,
+                              label=f"{DeepCacheConfig.title} interval (lossy; 1 = off)",
+                              elem_id=f"sdaccel_deepcache_{tab}")
+        gr.Markdown(interval.tooltip)
+    controls = [enabled, winograd, channels_last, cfg_cutoff, deepcache]
     script.infotext_fields = [
         (enabled, lambda d: bool(d.get(INFOTEXT_KEY))),
         (winograd, lambda d: Choice.from_infotext(d.get(INFOTEXT_KEY)).winograd),
         (channels_last, lambda d: Choice.from_infotext(d.get(INFOTEXT_KEY)).channels_last),
         (cfg_cutoff, lambda d: Choice.from_infotext(d.get(INFOTEXT_KEY)).cfg_cutoff),
+        (deepcache, lambda d: Choice.from_infotext(d.get(INFOTEXT_KEY)).deepcache),
     ]
     script.paste_field_names = []
     return controls
@@ -143,6 +165,42 @@ def cfg_cutoff(p, fraction: float, notes: list):
         notes.append(f"CFG cutoff: {skipped[0]} denoiser calls without the unconditional pass")
 
 
+@contextmanager
+def deepcache(p, unet, interval: int, run):
+    """DeepCache on the host's UNet for one generation: the step is the host's CFG denoiser's (A1111 and Forge
+    count it there), so the cond and uncond halves of a step, batched or not, share one step's choice."""
+    from ..optim.native.deepcache import LDMDeepCache
+    from ..optim.units.deepcache.config import DeepCacheConfig
+
+    if "forward" in unet.__dict__:  # another extension (A1111's ControlNet) runs the UNet through its own forward
+        run.note("DeepCache stepped aside: another extension replaced the UNet's forward (a ControlNet?); the whole "
+                 "UNet ran every step")
+        yield
+        return
+    cache = LDMDeepCache(unet, DeepCacheConfig(cache_interval=interval, cache_branch_id=0))
+    denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+    host_forward = unet.forward
+
+    def forward(x, *args, **kwargs):
+        step = int(getattr(denoiser, "step", 0) or 0)
+        bypass = "a ControlNet is applied" if kwargs.get("control") is not None else ""
+        with cache.call(step, x, run, bypass=bypass):
+            return host_forward(x, *args, **kwargs)
+
+    cache.install()
+    unet.forward = forward
+    try:
+        yield
+    finally:
+        if unet.__dict__.get("forward") is forward:
+            del unet.forward
+        cache.uninstall()
+        c = run.counters
+        calls = sum(c.get(f"deepcache_{kind}_calls", 0) for kind in ("full", "cached", "bypassed"))
+        run.note(f"DeepCache: {c.get('deepcache_cached_calls', 0)} of {calls} UNet calls reused cached features "
+                 f"(interval {interval})")
+
+
 def _show_busy(what: str, done: int, total: int) -> None:
     """Long one-time work inside a step (Winograd's first-use calibration): shown in the host's progress text,
     stopped by its Interrupt button between two measurements."""
@@ -184,6 +242,8 @@ class AccordionRun:
                     run.notes.append(f"Winograd stepped aside: the UNet runs on {device} (it is for CPUs)")
                 else:
                     stack.enter_context(self._winograd_state().run(unet, run))
+            if choice.deepcache > 1:
+                stack.enter_context(deepcache(p, unet, choice.deepcache, run))
             if choice.cfg_cutoff < 1.0:
                 stack.enter_context(cfg_cutoff(p, choice.cfg_cutoff, run.notes))
         except BaseException:
@@ -197,8 +257,13 @@ class AccordionRun:
         from ..optim.units.winograd.config import WinogradConfig
         from .weights import a1111_conv_weights
 
+        budget = int(settings.value("sdaccel_winograd_filter_mb"))
+        if self._winograd is not None and self._winograd.cfg.filter_cache_mb != budget:  # changed in Settings
+            self._winograd.release()
+            self._winograd = None
         if self._winograd is None:
-            self._winograd = NativeWinograd(WinogradConfig(fused_transforms=False), weights=a1111_conv_weights)
+            self._winograd = NativeWinograd(WinogradConfig(fused_transforms=False, filter_cache_mb=budget),
+                                            weights=a1111_conv_weights)
         return self._winograd
 
     def remove(self, p=None) -> None:
@@ -215,6 +280,8 @@ class AccordionRun:
             lines.append(f"{counters['precision_channels_last_weights']} weights channels-last")
         lines.extend(run.notes)
         self.last_lines = lines
+        if not settings.value("sdaccel_console_stats"):
+            return
         for line in lines:  # the host's console, where A1111 users read what extensions did (its log shows warnings)
             print(f"SDAccel: {line}", flush=True)
 

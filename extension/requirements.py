@@ -1,8 +1,9 @@
 """What of SDAccel a host's Python can run, told in one line at start-up instead of an import error later.
 
 The accordion's units need torch only. The tab runs the engine's own pipeline, which needs diffusers and a
-transformers new enough for it; a host that pins older ones (A1111 pins transformers 4.30) keeps its pins, and
-only the tab is disabled, saying why and how to enable it.
+transformers new enough for it: the floors are the oldest a real host runs it with (A1111 1.10's transformers
+4.30.2 beside the diffusers 0.31 that install.py adds; Forge's diffusers 0.31.0). A host with older ones keeps
+its pins, and only the tab is disabled, saying why and how to enable it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from importlib import metadata
 
 MIN_DIFFUSERS = (0, 31)
-MIN_TRANSFORMERS = (4, 46)
+MIN_TRANSFORMERS = (4, 30)
 
 
 def _version(name: str) -> tuple | None:

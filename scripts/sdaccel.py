@@ -1,4 +1,4 @@
-"""A1111/Forge entry: registers the SDAccel tab and the txt2img/img2img accordion, nothing else.
+"""A1111/Forge entry: registers the SDAccel tab, its Settings entries and the txt2img/img2img accordion, nothing else.
 
 A1111 loads this file on its own (not as part of a package), so the pack is imported here as the package
 `sdaccel` from the folder above (whatever the extension folder is called), unless it is pip-installed already.
@@ -29,14 +29,16 @@ def _pack():
 
 
 _pack()
-from sdaccel.extension import accordion  # noqa: E402
+from sdaccel.extension import accordion, settings  # noqa: E402
 from sdaccel.extension.tab import build_tab  # noqa: E402
 
 script_callbacks.on_ui_tabs(build_tab)
+script_callbacks.on_ui_settings(settings.register)
 
 
 class SDAccelScript(scripts.Script):
-    """The "SDAccel" accordion: Winograd, channels-last and CFG cutoff on the host's own UNet, per generation."""
+    """The "SDAccel" accordion: Winograd, channels-last, DeepCache and CFG cutoff on the host's own UNet, per
+    generation."""
 
     sorting_priority = 20
 

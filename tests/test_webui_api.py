@@ -269,7 +269,8 @@ def test_interrupt_stops_the_running_generation_then_the_next_runs(client, sessi
 
 
 def test_the_a1111_accordions_arguments_work_here_too(client):
-    """A client written against SDAccel's A1111 accordion sends [enabled, winograd, channels_last, cfg_cutoff]."""
+    """A client written against SDAccel's A1111 accordion sends [enabled, winograd, channels_last, cfg_cutoff,
+    deepcache]."""
     _, info = txt2img(client, alwayson_scripts={"SDAccel": {"args": [True, False, True, 0.5]}})
     stats = info["sdaccel"]["stats"][0]
     assert any(label.startswith("channels_last") for label in stats["optimizations"]) and stats["cfg_steps"] == 1
@@ -277,3 +278,10 @@ def test_the_a1111_accordions_arguments_work_here_too(client):
     assert info["sdaccel"]["stats"][0]["cfg_steps"] == STEPS  # switched off: nothing applied
     bad = client.post("/sdapi/v1/txt2img", json={**A1111_BODY, "alwayson_scripts": {"SDAccel": {"args": [True, 1]}}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "1"
+    _, info = txt2img(client, alwayson_scripts={"SDAccel": {"args": [True, False, False, 1.0, 2]}})
+    assert any(label.startswith("deepcache") for label in info["sdaccel"]["stats"][0]["optimizations"]), info
+    for interval in (0, 2.5, "3", True):
+        bad = client.post("/sdapi/v1/txt2img", json={
+            **A1111_BODY, "alwayson_scripts": {"SDAccel": {"args": [True, False, False, 1.0, interval]}}})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "4", (interval, bad.text)
+        assert "deepcache" in bad.json()["detail"][0]["msg"]

@@ -89,3 +89,16 @@ def test_bad_form_values_name_the_control(folder, items, match):
             build_job(session, _form(items))
     finally:
         session.close()
+
+
+def test_every_control_of_the_page_has_its_own_label(folder):
+    """A1111 and Forge save and restore a tab's control values keyed by "tab/label" (ui-config.json): two
+    controls with one label (each unit's "Vae") would get each other's values in the host's tab."""
+    gr = pytest.importorskip("gradio")
+    from sdaccel.webui.blocks import build_blocks
+
+    blocks = build_blocks(WebSession(ModelCatalog([folder])))
+    labels = [block.label for block in blocks.blocks.values()
+              if isinstance(block, gr.components.Component) and getattr(block, "label", None)]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    assert len(labels) > 60 and not repeated, repeated

@@ -6,9 +6,9 @@ Interrupt clicked, the image and the run statistics read back from the page. The
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+import sdaccel_page
 from browser import browser_page
 
 pytest.importorskip("gradio")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("SDACCEL_BROWSER"), reason=(
 
 from sdaccel.webui.loadtest import ServerProcess  # noqa: E402
 
-TIMEOUT_MS = 180_000
+TIMEOUT_MS = sdaccel_page.TIMEOUT_MS
 
 
 @pytest.fixture(scope="module")
@@ -48,56 +48,24 @@ def page(server):
         yield page
 
 
-def _set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]").first
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-
-
-def _status(page) -> str:
-    return page.locator("#sdaccel_status").inner_text()
-
-
 def test_generate_shows_the_image_and_the_run_statistics(page, server):
-    page.locator("#sdaccel_prompt textarea").fill("a red fox in the snow")
-    for elem_id, value in (("sdaccel_width", 64), ("sdaccel_height", 64), ("sdaccel_steps", 2),
-                           ("sdaccel_seed", 7)):
-        _set_number(page, elem_id, value)
-    page.locator("#sdaccel_opt_channels_last").get_by_text("Channels-last", exact=True).first.click()  # open it
-    page.locator("#sdaccel_use_channels_last input").check()
-    page.click("#sdaccel_generate")
-    page.wait_for_function("() => (document.querySelector('#sdaccel_stats textarea')?.value || '').includes('it/s')",
-                           timeout=TIMEOUT_MS)
-    stats = page.locator("#sdaccel_stats textarea").input_value()
+    stats, size = sdaccel_page.generate(page)
     assert "sd15 txt2img 64x64x1" in stats and "2/2 steps" in stats, stats
     assert "toggles: " in stats and "channels_last" in stats, stats
-    image = page.locator("#sdaccel_gallery img").first
-    image.wait_for(state="visible", timeout=TIMEOUT_MS)
-    size = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", image.element_handle())
     assert size == [64, 64], size
-    assert _status(page).startswith("done in"), _status(page)
-    keep = os.environ.get("SDACCEL_SCREENSHOT_DIR")  # set to results/ to refresh the README's screenshot
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(keep) / "webui-standalone.png"), full_page=False)
+    assert sdaccel_page.status(page).startswith("done in"), sdaccel_page.status(page)
+    sdaccel_page.keep_screenshot(page, "webui-standalone.png")
     assert not page.errors, page.errors
 
 
 def test_interrupt_stops_a_long_generation_from_the_page(page, server):
-    for elem_id, value in (("sdaccel_width", 256), ("sdaccel_height", 256), ("sdaccel_steps", 200)):
-        _set_number(page, elem_id, value)
-    page.click("#sdaccel_generate")
-    page.wait_for_function("() => /step [1-9]/.test(document.querySelector('#sdaccel_status')?.innerText || '')",
-                           timeout=TIMEOUT_MS)
-    page.click("#sdaccel_interrupt")
-    page.wait_for_function("() => (document.querySelector('#sdaccel_status')?.innerText || '')"
-                           ".includes('Interrupted')", timeout=TIMEOUT_MS)
-    assert "of 200" in _status(page), _status(page)
-    # the next generation runs normally
-    for elem_id, value in (("sdaccel_width", 64), ("sdaccel_height", 64), ("sdaccel_steps", 2)):
-        _set_number(page, elem_id, value)
-    page.click("#sdaccel_generate")
-    page.wait_for_function("() => (document.querySelector('#sdaccel_status')?.innerText || '').startsWith('done')",
-                           timeout=TIMEOUT_MS)
+    assert "of 200" in sdaccel_page.interrupt_long_generation(page, steps=200)
+    assert sdaccel_page.generate_again(page).startswith("done")  # the next generation runs normally
+    assert not page.errors, page.errors
+
+
+def test_bench_tab_runs_the_chosen_presets(page, server):
+    table, status = sdaccel_page.run_bench(page)
+    assert status.strip().startswith("done: 2 rows"), status
+    assert "baseline" in table and "channels-last" in table, table
     assert not page.errors, page.errors

@@ -129,7 +129,8 @@ def decode_image(data, field_name: str):
 
 
 def _accordion_args(args: list, where: str) -> tuple[list, dict]:
-    """[enabled, winograd, channels_last, cfg_cutoff]: what SDAccel's A1111 accordion sends (extension/accordion.py)."""
+    """[enabled, winograd, channels_last, cfg_cutoff, deepcache]: what SDAccel's A1111 accordion sends
+    (extension/accordion.py); shorter lists leave the rest off."""
     from ..extension.accordion import Choice
     from ..optim.spec.optimization import config_class
 
@@ -142,11 +143,17 @@ def _accordion_args(args: list, where: str) -> tuple[list, dict]:
     cutoff = args[3] if len(args) > 3 else 1.0
     if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff <= 1:
         raise PayloadError(f"{where}.3", f"cfg_cutoff must be a number from 0 to 1, got {cutoff!r}")
+    interval = args[4] if len(args) > 4 else 1
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval != int(interval) \
+            or not 1 <= interval <= 20:
+        raise PayloadError(f"{where}.4", f"deepcache must be a whole number of steps from 1 (off) to 20, "
+                                         f"got {interval!r}")
     choice = Choice.from_args(args)
     if not choice.enabled:
         return [], {}
     configs = [config_class("winograd")(fused_transforms=False)] if choice.winograd else []  # as the accordion
     configs += [config_class("channels_last")()] if choice.channels_last else []
+    configs += [config_class("deepcache")(cache_interval=choice.deepcache)] if choice.deepcache > 1 else []
     return configs, ({"cfg_cutoff": choice.cfg_cutoff} if choice.cfg_cutoff < 1 else {})
 
 

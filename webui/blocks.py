@@ -78,13 +78,13 @@ def build_blocks(session, *, title: str = "SDAccel"):
                                         "changes the image: see the measured fidelity in the README"))
                                     for info in ui_fields(cls):
                                         add(("opt", kind, info.name),
-                                            control(gr, info, elem_id=f"sdaccel_{kind}_{info.name}"))
+                                            control(gr, info, elem_id=f"sdaccel_{kind}_{info.name}", group=cls.title))
                         with gr.Accordion("SDXL refiner ensemble", open=False):
                             refiner = add(("refiner", "checkpoint"), gr.Dropdown(
                                 choices=[NO_REFINER] + _titles(session), value=NO_REFINER, label="Refiner",
                                 info="An SDXL refiner: base and refiner run as one schedule"))
                             for info in ui_fields(EnsembleSpec, skip=("base", "refiner")):
-                                add(("ensemble", info.name), control(gr, info))
+                                add(("ensemble", info.name), control(gr, info, group="Refiner"))
                     with gr.Column():
                         with gr.Row():
                             generate = gr.Button("Generate", variant="primary", elem_id="sdaccel_generate")
@@ -96,12 +96,17 @@ def build_blocks(session, *, title: str = "SDAccel"):
                 presets = gr.CheckboxGroup(choices=preset_names(), value=["baseline", "channels-last"],
                                            label="Presets", elem_id="sdaccel_bench_presets")
                 with gr.Row():
-                    bench_size = gr.Slider(minimum=64, maximum=1024, step=64, value=256, label="Size")
-                    bench_steps = gr.Slider(minimum=1, maximum=50, step=1, value=4, label="Steps")
-                    bench_repeats = gr.Slider(minimum=1, maximum=10, step=1, value=2, label="Repeats")
-                    bench_warmup = gr.Slider(minimum=0, maximum=3, step=1, value=1, label="Warm-up runs")
+                    bench_size = gr.Slider(minimum=64, maximum=1024, step=64, value=256, label="Bench: size",
+                                           elem_id="sdaccel_bench_size")
+                    bench_steps = gr.Slider(minimum=1, maximum=50, step=1, value=4, label="Bench: steps",
+                                            elem_id="sdaccel_bench_steps")
+                    bench_repeats = gr.Slider(minimum=1, maximum=10, step=1, value=2, label="Bench: repeats",
+                                              elem_id="sdaccel_bench_repeats")
+                    bench_warmup = gr.Slider(minimum=0, maximum=3, step=1, value=1, label="Bench: warm-up runs",
+                                             elem_id="sdaccel_bench_warmup")
                 bench_checkpoint = gr.Checkbox(value=False, label="Use the selected checkpoint (else random "
-                                               "weights of the real SD 1.5 architecture)")
+                                               "weights of the real SD 1.5 architecture)",
+                                               elem_id="sdaccel_bench_checkpoint")
                 run_bench = gr.Button("Run bench", variant="primary", elem_id="sdaccel_run_bench")
                 bench_status = gr.Markdown("", elem_id="sdaccel_bench_status")
                 bench_table = gr.Markdown("", elem_id="sdaccel_bench_table")

@@ -28,10 +28,13 @@ def label(info: FieldInfo) -> str:
     return info.name.replace("_", " ").capitalize()
 
 
-def control(gr, info: FieldInfo, *, value=None, elem_id: str | None = None):
-    """One gradio component for `info` (`gr` is the gradio module, passed in so importing this does no work)."""
+def control(gr, info: FieldInfo, *, value=None, elem_id: str | None = None, group: str = ""):
+    """One gradio component for `info` (`gr` is the gradio module, passed in so importing this does no work).
+
+    `group` (a unit's title) leads the label: A1111 and Forge save and restore a tab's control values by
+    "tab/label" (their ui-config.json), so two controls labelled "Vae" would receive each other's values."""
     value = initial(info) if value is None else value
-    common = {"label": label(info), "info": info.tooltip, "elem_id": elem_id}
+    common = {"label": f"{group}: {label(info)}" if group else label(info), "info": info.tooltip, "elem_id": elem_id}
     if info.choices is not None:
         return gr.Dropdown(choices=list(info.choices), value=value, **common)
     if info.kind is bool:

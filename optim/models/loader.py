@@ -216,8 +216,18 @@ def load_shipped_tokenizer(spec: TokenizerSpec):
     from transformers import BertTokenizer, CLIPTokenizerFast
 
     if spec.kind == "clip":
-        return CLIPTokenizerFast.from_pretrained(str(spec.folder), pad_token=spec.pad_token, local_files_only=True)
+        return _with_added_tokens_encoder(CLIPTokenizerFast.from_pretrained(
+            str(spec.folder), pad_token=spec.pad_token, local_files_only=True))
     return BertTokenizer.from_pretrained(str(spec.folder), local_files_only=True)
+
+
+def _with_added_tokens_encoder(tokenizer):
+    """diffusers' prompt conversion (textual inversion) reads `tokenizer.added_tokens_encoder`, which fast
+    tokenizers only have from transformers 4.34 on; A1111 1.10 pins 4.30.2, where SDAccel's tab runs too. The
+    same mapping (added token -> id) from the method those versions do have."""
+    if not hasattr(tokenizer, "added_tokens_encoder"):
+        tokenizer.added_tokens_encoder = tokenizer.get_added_vocab()
+    return tokenizer
 
 
 def family_scheduler_config(fam: Family, prediction_type: str, config_dir: Path | None = None) -> dict:
@@ -333,7 +343,7 @@ def _folder_tokenizer(folder: Path, name: str, spec: TokenizerSpec):
                               "would read garbage tokens")
     cls = CLIPTokenizerFast if spec.kind == "clip" else BertTokenizer
     try:
-        return cls.from_pretrained(str(folder), subfolder=name, local_files_only=True)
+        return _with_added_tokens_encoder(cls.from_pretrained(str(folder), subfolder=name, local_files_only=True))
     except Exception as exc:
         raise CheckpointError(sub, f"could not be read ({exc})", "Restore the tokenizer files") from exc
 
