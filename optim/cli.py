@@ -95,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--opt", action="append", default=[], metavar="KIND[:FIELD=VALUE,...]",
                      help="add an optimization, e.g. channels_last or precision:unet=fp16 (repeatable)")
     gen.add_argument("--preset", action="append", default=[], help="add a bench preset's optimizations")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                     help="merge a LoRA (kohya/A1111 or diffusers format) at a strength (default 1; repeatable)")
     gen.add_argument("--out", required=True, help="folder for the PNG files")
     gen.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: run base + refiner as one schedule "
                      "(the --checkpoint must be an SDXL base)")
@@ -188,11 +190,12 @@ def cmd_generate(args) -> int:
 
     from .bench.presets import resolve_preset
     from .spec.ensemble import EnsembleSpec
+    from .spec.lora import LoraRef
     from .spec.model_ref import ModelRef
     from .spec.pipeline import GenerationRequest, PipelineSpec
 
     model = config_from_args(ModelRef, args, path=args.checkpoint)
-    spec = PipelineSpec(model=model, device=args.device)
+    spec = PipelineSpec(model=model, device=args.device, loras=tuple(LoraRef.parse(text) for text in args.lora))
     _check_output_folder(Path(args.out), "--out")
     if args.init_image and not Path(args.init_image).expanduser().is_file():
         raise ConfigError("--init-image", f"{args.init_image} is not a file", "give the path of a PNG/JPEG/WebP image")
@@ -203,7 +206,7 @@ def cmd_generate(args) -> int:
     for text in args.opt:
         spec = spec.with_optimization(_parse_opt(text))
     if args.refiner:
-        refiner = replace(spec, model=ModelRef(path=args.refiner))
+        refiner = replace(spec, model=ModelRef(path=args.refiner), loras=())  # the base's LoRAs fit the base only
         spec = config_from_args(EnsembleSpec, args, base=spec, refiner=refiner)
     elif args.switch_at is not None:
         raise ConfigError("--switch-at", "applies to the refiner ensemble only", "add --refiner FILE or drop it")

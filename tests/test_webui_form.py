@@ -70,6 +70,10 @@ def test_form_builds_the_spec_and_request_the_controls_show(folder):
                                                      ("ensemble", "switch_at"): 0.8}))
         assert isinstance(ensemble, EnsembleSpec) and ensemble.switch_at == 0.8
         assert ensemble.refiner.model.path.endswith("b.ckpt")
+        elsewhere = folder.parent / "elsewhere.safetensors"  # a typed path outside the models folder
+        elsewhere.write_bytes(b"x")
+        spec, _, title = build_job(session, _form({("model", "checkpoint"): str(elsewhere)}))
+        assert spec.model.path == str(elsewhere) and title == str(elsewhere)
     finally:
         session.close()
 
@@ -77,6 +81,7 @@ def test_form_builds_the_spec_and_request_the_controls_show(folder):
 @pytest.mark.parametrize("items, match", [
     ({("model", "checkpoint"): None}, "Checkpoint: none selected"),
     ({("model", "checkpoint"): "gone.safetensors"}, "Checkpoint: no checkpoint named"),
+    ({("model", "checkpoint"): "/nowhere/gone.safetensors"}, "or type the full path"),
     ({("request", "width"): 65}, "width: 65 is not a multiple of 8"),
     ({("request", "steps"): 0}, "steps: 0 is below the minimum"),
     ({("opt", "winograd", "enabled"): True, ("opt", "winograd", "tile"): "f9"}, "tile: 'f9' is not one of"),

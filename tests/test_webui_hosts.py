@@ -33,13 +33,13 @@ def host(request, tmp_path_factory):
         print(started.log_text()[-3000:])
 
 
-def txt2img(host, choice=None, **changes):
+def txt2img(host, choice=None, *, endpoint="txt2img", **changes):
     import httpx
 
     body = {**BODY, **changes}
     if choice is not None:
         body["alwayson_scripts"] = {"SDAccel": {"args": list(choice)}}
-    response = httpx.post(host.url + "/sdapi/v1/txt2img", json=body, timeout=600)
+    response = httpx.post(host.url + f"/sdapi/v1/{endpoint}", json=body, timeout=600)
     assert response.status_code == 200, response.text[:2000]
     data = response.json()
     from PIL import Image
@@ -131,6 +131,20 @@ def test_winograd_and_channels_last_give_the_host_image(host):
     assert np.array_equal(again, plain) and "SDAccel" not in info["infotexts"][0]
     off, _ = txt2img(host, (False, True, True, 0.5, 2))  # the accordion's own switch
     assert np.array_equal(off, plain)
+
+
+
+def test_the_img2img_accordion_works_on_the_hosts_img2img(host):
+    from PIL import Image
+
+    source = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(source, "PNG")
+    body = {"init_images": [base64.b64encode(source.getvalue()).decode()], "denoising_strength": 0.6}
+    plain, _ = txt2img(host, endpoint="img2img", **body)
+    winograd, info = txt2img(host, (True, True, False, 1.0), endpoint="img2img", **body)
+    assert np.abs(winograd - plain).max() <= 2 and "SDAccel: winograd" in info["infotexts"][0]
+    again, _ = txt2img(host, endpoint="img2img", **body)
+    assert np.array_equal(again, plain)
 
 
 def test_cfg_cutoff_skips_the_unconditional_pass_late(host):

@@ -56,9 +56,9 @@ def build_blocks(session, *, title: str = "SDAccel"):
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         with gr.Row():
             checkpoint = add(("model", "checkpoint"), gr.Dropdown(
-                choices=_titles(session), value=_selected(session), label="Checkpoint",
-                info="Checkpoints in the models folder (.safetensors/.ckpt files, diffusers folders)",
-                elem_id="sdaccel_checkpoint"))
+                choices=_titles(session), value=_selected(session), label="Checkpoint", allow_custom_value=True,
+                info="Checkpoints in the models folder (.safetensors/.ckpt files, diffusers folders), or type the "
+                     "full path of one elsewhere", elem_id="sdaccel_checkpoint"))
             refresh = gr.Button("Refresh list", elem_id="sdaccel_refresh")
             add(("model", "family"), control(gr, family_info, value=session.family, elem_id="sdaccel_family"))
         with gr.Tabs():

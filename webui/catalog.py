@@ -57,11 +57,17 @@ class ModelCatalog:
         return item if ":" in item and not Path(item).exists() else Path(item).name
 
     def find(self, name: str, *, field: str = "sd_model_checkpoint") -> CheckpointEntry:
-        """The entry named `name` (its title, model name or file name; A1111's "[hash]" suffix is ignored)."""
+        """The entry named `name` (its title, model name or file name; A1111's "[hash]" suffix is ignored), or a
+        checkpoint file or diffusers folder at the path `name` (the pickers take a typed path too)."""
         wanted = str(name).split(" [", 1)[0].strip()
         entries = self.entries()
         for entry in entries:
             if wanted in (entry.title, entry.model_name, Path(entry.title).name, Path(entry.title).stem):
                 return entry
+        path = Path(wanted).expanduser()
+        if path.is_absolute() and (path.is_file() and path.suffix.lower() in _SUFFIXES
+                                   or path.is_dir() and (path / "model_index.json").is_file()):
+            return CheckpointEntry(str(path), str(path))
         known = ", ".join(e.title for e in entries[:12]) or "none (put checkpoints into the models folder)"
-        raise ConfigError(field, f"no checkpoint named {name!r}", f"known: {known}")
+        raise ConfigError(field, f"no checkpoint named {name!r}",
+                          f"known: {known}; or type the full path of a checkpoint file or diffusers folder")

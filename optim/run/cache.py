@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.registry import ApplyContext, apply_all, remove_all
+from ..lora.merge import set_loras
 from ..models.loader import LoadedModel, load_model
 from ..spec.pipeline import PipelineSpec
 from .capabilities import resolve_device
@@ -50,6 +51,8 @@ class PreparedPipeline:
     status: str = ""  # what the last prepare() did: loaded | reconfigured | hit
     strict: bool = False
     notes: list = field(default_factory=list)  # fallbacks taken for options this machine lacks
+    loras: object = None  # the LoraState of what is merged into the weights
+    lora_key: tuple = ()  # the merged LoRAs' files and strengths (a file saved again is merged again)
     prepare_s: float = 0.0
     last_used: float = 0.0
 
@@ -135,13 +138,18 @@ class PipelineCache:
             entry = PreparedPipeline(loaded=loaded, device=device)
             self._entries[key] = entry
             status = "loaded"
-        if entry.spec != spec or entry.strict != strict:
+        lora_key = tuple(lora.identity() for lora in spec.loras)
+        if entry.spec != spec or entry.strict != strict or entry.lora_key != lora_key:
             if status == "hit":
                 status = "reconfigured"
             if entry.handles:
                 remove_all(entry.handles)
                 entry.handles = []
                 entry.spec = None
+            if spec.loras or entry.loras is not None:  # merged into the loaded weights, under the optimizations
+                entry.lora_key = ()
+                entry.loras = set_loras(entry.pipe, spec.loras, entry.loras)  # a bad file changes nothing
+                entry.lora_key = lora_key
             ctx = ApplyContext(device=device, family=entry.family, offloaded=spec.optimization("offload") is not None)
             entry.handles = apply_all(entry.pipe, spec.optimizations, ctx, strict=strict)  # undoes on failure
             entry.notes = list(entry.handles[0].info.get("notes", [])) if entry.handles else []

@@ -365,6 +365,10 @@ class _Job:
             batch_size=plan.batch, scheduler=SCHEDULER_TITLES[plan.scheduler], steps=plan.steps, cfg=plan.cfg,
             cache=prepared.status, prepare_s=prepared.prepare_s)
         self.stats.notes.extend(prepared.notes)
+        if prepared.loras is not None and prepared.loras.lines:
+            self.stats.notes.extend(prepared.loras.lines)
+            if prepared.status != "hit":
+                self.stats.notes.append(f"LoRAs merged in {prepared.loras.switch_s:.2f} s (no checkpoint read)")
         if self.fam.turbo and plan.steps > (self.fam.max_steps_hint or plan.steps):
             self.stats.notes.append(f"{self.fam.title} is distilled for 1-{self.fam.max_steps_hint} steps")
         self.monitor, self.timer = MemoryMonitor(prepared.device), StageTimer(prepared.device)

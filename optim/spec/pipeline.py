@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from ..models.schedulers import SCHEDULER_CHOICES
 from .errors import ConfigError
 from .fields import Config, option
+from .lora import LoraRef
 from .model_ref import ModelRef
 from .optimization import OptimizationConfig, canonical_order, config_class
 
@@ -35,6 +36,7 @@ class PipelineSpec(Config):
     device: str = option("auto", "Where to run: auto picks CUDA, then Apple MPS, then the CPU",
                          choices=DEVICE_CHOICES)
     optimizations: tuple = ()
+    loras: tuple = ()  # LoraRefs, merged into the weights in this order before the optimizations apply
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,6 +44,17 @@ class PipelineSpec(Config):
             object.__setattr__(self, "model", ModelRef.from_dict(self.model))
         if not isinstance(self.model, ModelRef):
             raise ConfigError("PipelineSpec.model", f"expected a ModelRef, got {type(self.model).__name__}")
+        loras = []
+        for item in self.loras:
+            if isinstance(item, dict):
+                item = LoraRef.from_dict(item)
+            elif isinstance(item, str):
+                item = LoraRef.parse(item)
+            if not isinstance(item, LoraRef):
+                raise ConfigError("PipelineSpec.loras", f"{item!r} is not a LoRA", 'write each as {"path": ..., '
+                                  '"strength": ...} or "FILE:STRENGTH"')
+            loras.append(item)
+        object.__setattr__(self, "loras", tuple(loras))
         configs = [(_optimization_from_dict(c) if isinstance(c, dict) else c) for c in self.optimizations]
         for cfg in configs:
             if not isinstance(cfg, OptimizationConfig):
@@ -71,16 +84,21 @@ class PipelineSpec(Config):
         return replace(self, optimizations=tuple(c for c in self.optimizations if c.kind != kind))
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "device": self.device,
+        data = {"model": self.model.to_dict(), "device": self.device,
                 "optimizations": [{"kind": c.kind, **c.to_dict()} for c in self.optimizations]}
+        if self.loras:  # left out when empty: specs saved before LoRAs existed read back the same
+            data["loras"] = [lora.to_dict() for lora in self.loras]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineSpec":
-        unknown = sorted(set(data) - {"model", "device", "optimizations"})
+        unknown = sorted(set(data) - {"model", "device", "optimizations", "loras"})
         if unknown:
-            raise ConfigError(f"PipelineSpec.{unknown[0]}", "no such field", "valid: model, device, optimizations")
+            raise ConfigError(f"PipelineSpec.{unknown[0]}", "no such field",
+                              "valid: model, device, optimizations, loras")
         return cls(model=ModelRef.from_dict(data.get("model", {})), device=data.get("device", "auto"),
-                   optimizations=tuple(_optimization_from_dict(d) for d in data.get("optimizations", [])))
+                   optimizations=tuple(_optimization_from_dict(d) for d in data.get("optimizations", [])),
+                   loras=tuple(data.get("loras", ())))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -33,3 +33,52 @@ def kohya_unet_lora(unet, path, *, rank: int = 4, seed: int = 0, scale: float = 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
     return path
+
+
+_ATTENTION_LAYERS = (".to_q", ".q_proj", ".to_out.0", ".out_proj")  # what real LoRAs adapt (diffusers'
+# own loader also needs an output projection to recognise a text encoder's layers)
+
+
+def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0, scale: float = 0.05,
+                alpha: float | None = 2.0) -> Path:
+    """A LoRA over `pipe`'s UNet (3x3 resnet convolutions, attention query and output projections) and the same
+    projections of its text encoders, in kohya's names (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_`/`lora_te2_`) or in
+    diffusers/PEFT's (`unet.<path>.lora_A.weight`); `alpha` None writes none (scale 1)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                    "text_encoder_2": "lora_te2_"}
+    tensors = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            is_conv = isinstance(module, torch.nn.Conv2d) and ".resnets." in name and module.kernel_size == (3, 3)
+            is_attention = isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_LAYERS)
+            if not (is_conv or is_attention):
+                continue
+            if is_conv:
+                down = torch.randn(rank, module.in_channels, 3, 3, generator=gen) * scale
+                up = torch.randn(module.out_channels, rank, 1, 1, generator=gen) * scale
+            else:
+                down = torch.randn(rank, module.in_features, generator=gen) * scale
+                up = torch.randn(module.out_features, rank, generator=gen) * scale
+            if component != "unet" and not name.startswith("text_model."):
+                name = "text_model." + name  # the names LoRA files carry (transformers 5 dropped the wrapper)
+            if fmt == "kohya":
+                key = kohya_prefix[component] + name.replace(".", "_")
+                names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
+            else:
+                key = f"{component}.{name}"
+                names = (f"{key}.lora_A.weight", f"{key}.lora_B.weight", f"{key}.alpha")
+            tensors[names[0]], tensors[names[1]] = down.half(), up.half()
+            if alpha is not None:
+                tensors[names[2]] = torch.tensor(float(alpha)).half()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"} if fmt == "kohya" else None)
+    return path

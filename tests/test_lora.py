@@ -1,0 +1,167 @@
+"""LoRAs: kohya/A1111 and diffusers/PEFT files merged as diffusers' own loader merges them (the reference: its
+`load_lora_weights` + `fuse_lora`, a separate implementation), several at once with a strength each, switched
+and removed without reading the checkpoint again and back to the exact loaded weights, under the units, and
+bad files named with the fix while the pipeline keeps working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sdaccel.optim.lora.merge import set_loras
+from sdaccel.optim.run.sampler import run
+from sdaccel.optim.spec.errors import CheckpointError, ConfigError
+from sdaccel.optim.spec.lora import LoraRef
+from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
+from sdaccel.optim.testing.lora import random_lora
+from sdaccel.optim.testing.random_weights import build_pipeline
+
+REQUEST = GenerationRequest(prompt="a lighthouse", negative_prompt="blurry", width=64, height=64, steps=2, seed=3)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def weights(pipe) -> dict:
+    return {f"{c}.{k}": v.detach().clone() for c in COMPONENTS if getattr(pipe, c, None) is not None
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def reference(family: str, files_and_strengths) -> dict:
+    """The same LoRAs merged by diffusers' own loader (PEFT), into a fresh copy of the same random pipeline."""
+    pytest.importorskip("peft")
+    pipe = build_pipeline(family, tiny=True, seed=0)
+    names = []
+    for i, (path, _) in enumerate(files_and_strengths):
+        pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    pipe.set_adapters(names, adapter_weights=[s for _, s in files_and_strengths])
+    pipe.fuse_lora(components=[c for c in COMPONENTS if getattr(pipe, c, None) is not None], lora_scale=1.0,
+                   adapter_names=names)
+    pipe.unload_lora_weights()
+    return weights(pipe)
+
+
+@pytest.mark.parametrize("family, fmt", [("sd15", "kohya"), ("sd15", "peft"), ("sdxl-base", "kohya")])
+def test_merged_weights_equal_diffusers_own_loader(tmp_path, family, fmt):
+    path = random_lora(build_pipeline(family, tiny=True, seed=0), tmp_path / f"{fmt}.safetensors", fmt=fmt,
+                       alpha=2.0 if fmt == "kohya" else None)
+    pipe = build_pipeline(family, tiny=True, seed=0)
+    loaded = weights(pipe)
+    state = set_loras(pipe, (LoraRef(str(path), 0.7),), None)
+    merged = weights(pipe)
+    expected = reference(family, [(path, 0.7)])
+    assert max_difference(merged, loaded) > 1e-3  # the LoRA changed the weights ...
+    assert max_difference(merged, expected) < 2e-6  # ... as diffusers merges it
+    adapted = {k for k in merged if not torch.equal(merged[k], loaded[k])}
+    assert any(k.startswith("unet.") for k in adapted) and any(k.startswith("text_encoder.") for k in adapted)
+    if family == "sdxl-base":
+        assert any(k.startswith("text_encoder_2.") for k in adapted)
+    assert state.lines[0].startswith(f"LoRA {path.name} x0.7:")
+
+
+def test_two_loras_at_once_each_with_its_strength(tmp_path):
+    base = build_pipeline("sd15", tiny=True, seed=0)
+    first = random_lora(base, tmp_path / "a.safetensors", seed=1)
+    second = random_lora(base, tmp_path / "b.safetensors", fmt="peft", seed=2, alpha=None)
+    pipe = build_pipeline("sd15", tiny=True, seed=0)
+    set_loras(pipe, (LoraRef(str(first), 0.8), LoraRef(str(second), -0.5)), None)
+    assert max_difference(weights(pipe), reference("sd15", [(first, 0.8), (second, -0.5)])) < 2e-6
+
+
+def test_switching_and_removing_restores_the_exact_weights_without_reading_the_checkpoint(checkpoints, cache,
+                                                                                           tmp_path):
+    model = checkpoints.get("sd15")
+    path = random_lora(checkpoints.pipeline("sd15"), tmp_path / "style.safetensors")
+    spec = PipelineSpec(model=model)
+    plain = run(spec, REQUEST, cache=cache).images[0]
+    loaded = weights(cache.prepare(spec).pipe)
+    strong = run(spec.with_(loras=(LoraRef(str(path), 1.0),)), REQUEST, cache=cache)
+    weak = run(spec.with_(loras=(LoraRef(str(path), 0.3),)), REQUEST, cache=cache).images[0]
+    assert strong.images[0] != plain and weak not in (plain, strong.images[0])
+    assert any(note.startswith("LoRA style.safetensors x1:") for note in strong.stats.notes), strong.stats.notes
+    assert any("LoRAs merged in" in note for note in strong.stats.notes)
+    again = run(spec, REQUEST, cache=cache).images[0]
+    assert again == plain and cache.loads == 1  # the loaded weights again, and the checkpoint read once
+    unloaded = weights(cache.prepare(spec).pipe)
+    assert all(torch.equal(unloaded[k], loaded[k]) for k in loaded)  # bit for bit
+    back = run(spec.with_(loras=(LoraRef(str(path), 0.3),)), REQUEST, cache=cache).images[0]
+    assert back == weak
+
+
+@pytest.mark.parametrize("kind, fields", [("channels_last", {}), ("winograd", {"tile": "f2", "vae": False}),
+                                          ("precision", {"unet": "bf16"})])
+def test_units_apply_on_the_merged_weights_in_any_order(checkpoints, cache, tmp_path, kind, fields):
+    from sdaccel.optim.spec.optimization import config_class
+
+    model = checkpoints.get("sd15")
+    path = random_lora(checkpoints.pipeline("sd15"), tmp_path / "style.safetensors")
+    lora = (LoraRef(str(path), 1.0),)
+    unit = config_class(kind)(**fields)
+    with_lora = run(PipelineSpec(model=model, loras=lora), REQUEST, cache=cache)
+    lora_then_unit = run(PipelineSpec(model=model, loras=lora, optimizations=(unit,)), REQUEST, cache=cache)
+    unit_alone = run(PipelineSpec(model=model, optimizations=(unit,)), REQUEST, cache=cache)
+    unit_then_lora = run(PipelineSpec(model=model, loras=lora, optimizations=(unit,)), REQUEST, cache=cache)
+    assert unit_then_lora.images[0] == lora_then_unit.images[0]  # the same pipeline whichever came first
+    assert unit_alone.images[0] != lora_then_unit.images[0]  # the unit did not drop the LoRA
+    if kind != "precision":  # lossless units: the LoRA image itself
+        import numpy as np
+
+        a = np.asarray(with_lora.images[0], dtype=np.int16)
+        b = np.asarray(lora_then_unit.images[0], dtype=np.int16)
+        assert np.abs(a - b).max() <= 2
+
+
+def test_cli_lora_argument(tmp_path, checkpoints):
+    from sdaccel.optim.cli import main
+
+    model = checkpoints.get("sd15")
+    path = random_lora(checkpoints.pipeline("sd15"), tmp_path / "style.safetensors")
+    out = tmp_path / "out"
+    code = main(["generate", "--checkpoint", model.path, "--config-dir", model.config_dir, "--width", "64",
+                 "--height", "64", "--steps", "2", "--prompt", "a fox", "--lora", f"{path}:0.6", "--out", str(out)])
+    assert code == 0 and len(list(out.glob("*.png"))) == 1
+    assert LoraRef.parse(f"{path}:0.6") == LoraRef(str(path), 0.6) and LoraRef.parse(str(path)).strength == 1.0
+    assert LoraRef.parse(r"C:\loras\style.safetensors").path == r"C:\loras\style.safetensors"
+    with pytest.raises(ConfigError, match="not a strength"):
+        LoraRef.parse(f"{path}:strong")
+    with pytest.raises(ConfigError, match="strength"):
+        LoraRef.parse(f"{path}:40")
+
+
+def test_spec_round_trips_with_its_loras(tmp_path):
+    spec = PipelineSpec.for_model("x.safetensors", family="sd15").with_(loras=("a.safetensors:0.5",))
+    assert spec.loras == (LoraRef("a.safetensors", 0.5),)
+    assert PipelineSpec.from_json(spec.to_json()) == spec
+    assert "loras" not in PipelineSpec.for_model("x.safetensors").to_dict()  # older specs read back the same
+
+
+def _write(path, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    return path
+
+
+def test_bad_lora_files_are_named_and_the_pipeline_keeps_working(checkpoints, cache, tmp_path):
+    model = checkpoints.get("sd15")
+    spec = PipelineSpec(model=model)
+    plain = run(spec, REQUEST, cache=cache).images[0]
+    xl = random_lora(checkpoints.pipeline("sdxl-base"), tmp_path / "xl.safetensors")
+    loha = _write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2),
+                                                  "lora_unet_x.hada_w1_b": torch.zeros(2, 2)})
+    half = _write(tmp_path / "half.safetensors", {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight":
+                                                  torch.zeros(2, 4, 3, 3)})
+    cases = [(xl, "made for SDXL"), (loha, "LyCORIS LoHa file"), (half, "without both factors"),
+             (tmp_path / "missing.safetensors", "does not exist"), (model.path, "full model checkpoint, not a LoRA")]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message) as error:
+            run(spec.with_(loras=(LoraRef(str(path)),)), REQUEST, cache=cache)
+        assert str(path) in str(error.value)
+    assert run(spec, REQUEST, cache=cache).images[0] == plain  # nothing half-merged
+    good = random_lora(checkpoints.pipeline("sd15"), tmp_path / "good.safetensors")
+    with pytest.raises(CheckpointError, match="made for SDXL"):  # a good one beside a bad one: neither merged
+        run(spec.with_(loras=(LoraRef(str(good)), LoraRef(str(xl)))), REQUEST, cache=cache)
+    assert run(spec, REQUEST, cache=cache).images[0] == plain
