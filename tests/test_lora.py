@@ -44,10 +44,11 @@ def reference(family: str, files_and_strengths) -> dict:
     return weights(pipe)
 
 
-@pytest.mark.parametrize("family, fmt", [("sd15", "kohya"), ("sd15", "peft"), ("sdxl-base", "kohya")])
+@pytest.mark.parametrize("family, fmt", [("sd15", "kohya"), ("sd15", "peft"), ("sdxl-base", "kohya"),
+                                         ("sdxl-base", "ldm")])
 def test_merged_weights_equal_diffusers_own_loader(tmp_path, family, fmt):
     path = random_lora(build_pipeline(family, tiny=True, seed=0), tmp_path / f"{fmt}.safetensors", fmt=fmt,
-                       alpha=2.0 if fmt == "kohya" else None)
+                       alpha=None if fmt == "peft" else 2.0)
     pipe = build_pipeline(family, tiny=True, seed=0)
     loaded = weights(pipe)
     state = set_loras(pipe, (LoraRef(str(path), 0.7),), None)
@@ -60,6 +61,29 @@ def test_merged_weights_equal_diffusers_own_loader(tmp_path, family, fmt):
     if family == "sdxl-base":
         assert any(k.startswith("text_encoder_2.") for k in adapted)
     assert state.lines[0].startswith(f"LoRA {path.name} x0.7:")
+
+
+def test_original_layer_names_merge_like_diffusers_names(tmp_path):
+    """The same factors named in the original layout (`lora_unet_input_blocks_1_1_...`, as kohya's SDXL LoRAs
+    and some SD 1.x ones are) and in diffusers' layout give the same weights (diffusers' loader maps the
+    original names for SDXL only: checked against it above)."""
+    base = build_pipeline("sd15", tiny=True, seed=0)
+    by_ldm = random_lora(base, tmp_path / "ldm.safetensors", fmt="ldm", seed=4)
+    by_diffusers = random_lora(base, tmp_path / "kohya.safetensors", fmt="kohya", seed=4)
+    assert any("input_blocks" in key for key in _keys(by_ldm)) and not any("down_blocks" in k for k in _keys(by_ldm))
+    merged = []
+    for path in (by_ldm, by_diffusers):
+        pipe = build_pipeline("sd15", tiny=True, seed=0)
+        set_loras(pipe, (LoraRef(str(path), 0.9),), None)
+        merged.append(weights(pipe))
+    assert max_difference(*merged) == 0 and max_difference(merged[0], weights(base)) > 1e-3
+
+
+def _keys(path) -> list:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def test_two_loras_at_once_each_with_its_strength(tmp_path):

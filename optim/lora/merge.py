@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models.ldm_names import unet_key_to_ldm
 from ..spec.errors import CheckpointError
 from .files import LoraFile, LoraLayer, read_lora
 
@@ -36,12 +37,18 @@ def _modules(pipe, component: str, lora_format: str) -> dict:
         return {}
     found = {}
     for name, sub in module.named_modules():
-        if getattr(sub, "weight", None) is not None and sub.weight.dim() in (2, 4):
-            # LoRA files name CLIP's layers under `text_model.`, a wrapper transformers 5 no longer has
-            names = (name, "text_model." + name) if component != "unet" and not name.startswith("text_model.") \
-                else (name,)
-            for each in names:
-                found[each.replace(".", "_") if lora_format == "kohya" else each] = sub
+        if getattr(sub, "weight", None) is None or sub.weight.dim() not in (2, 4):
+            continue
+        names = [name]
+        if component != "unet" and not name.startswith("text_model."):
+            names.append("text_model." + name)  # LoRA files keep CLIP's `text_model.`, which transformers 5 dropped
+        if component == "unet" and lora_format == "kohya":
+            try:  # kohya's SDXL LoRAs (and some SD 1.x ones) name the original layout's layers
+                names.append(unet_key_to_ldm(name, module.config))
+            except (KeyError, ValueError):
+                pass
+        for each in names:
+            found[each.replace(".", "_") if lora_format == "kohya" else each] = sub
     return found
 
 

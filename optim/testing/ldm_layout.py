@@ -9,67 +9,14 @@ from __future__ import annotations
 
 import torch
 
-_UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+from ..models.ldm_names import unet_key_to_ldm
+
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
-
-
-def _rename_resnet(rest: str) -> str:
-    for new, old in _UNET_RESNET:
-        if rest.startswith(new + "."):
-            return old + rest[len(new):]
-    raise KeyError(f"unexpected UNet resnet key {rest!r}")
 
 
 def unet_to_ldm(sd: dict, config) -> dict:
     """diffusers UNet2DConditionModel state dict -> openaimodel.UNetModel keys (no prefix)."""
-    lpb = config["layers_per_block"]
-    if not isinstance(lpb, int):
-        raise ValueError("per-block layers_per_block lists are not used by SD families")
-    up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    out = {}
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    for key, value in sd.items():
-        head, _, param = key.rpartition(".")
-        parts = key.split(".")
-        if head in fixed:
-            out[f"{fixed[head]}.{param}"] = value
-        elif parts[0] == "down_blocks":
-            i, kind = int(parts[1]), parts[2]
-            if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.*
-                out[f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.{parts[-1]}"] = value
-            else:
-                j = int(parts[3])
-                idx = 1 + i * (lpb + 1) + j
-                rest = ".".join(parts[4:])
-                if kind == "resnets":
-                    out[f"input_blocks.{idx}.0.{_rename_resnet(rest)}"] = value
-                else:
-                    out[f"input_blocks.{idx}.1.{rest}"] = value
-        elif parts[0] == "up_blocks":
-            i, kind = int(parts[1]), parts[2]
-            if kind == "upsamplers":  # up_blocks.i.upsamplers.0.conv.*
-                slot = 2 if up_has_attn[i] else 1
-                out[f"output_blocks.{i * (lpb + 1) + lpb}.{slot}.conv.{parts[-1]}"] = value
-            else:
-                j = int(parts[3])
-                idx = i * (lpb + 1) + j
-                rest = ".".join(parts[4:])
-                if kind == "resnets":
-                    out[f"output_blocks.{idx}.0.{_rename_resnet(rest)}"] = value
-                else:
-                    out[f"output_blocks.{idx}.1.{rest}"] = value
-        elif parts[0] == "mid_block":
-            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            if kind == "resnets":
-                out[f"middle_block.{2 * j}.{_rename_resnet(rest)}"] = value
-            else:
-                out[f"middle_block.1.{rest}"] = value
-        else:
-            raise KeyError(f"unexpected UNet key {key!r}")
-    return out
+    return {unet_key_to_ldm(key, config): value for key, value in sd.items()}
 
 
 def _vae_block(rest: str) -> str:

@@ -42,10 +42,13 @@ _ATTENTION_LAYERS = (".to_q", ".q_proj", ".to_out.0", ".out_proj")  # what real 
 def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0, scale: float = 0.05,
                 alpha: float | None = 2.0) -> Path:
     """A LoRA over `pipe`'s UNet (3x3 resnet convolutions, attention query and output projections) and the same
-    projections of its text encoders, in kohya's names (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_`/`lora_te2_`) or in
-    diffusers/PEFT's (`unet.<path>.lora_A.weight`); `alpha` None writes none (scale 1)."""
+    projections of its text encoders, in kohya's names (`lora_unet_`, `lora_te_` or SDXL's `lora_te1_`/
+    `lora_te2_`), kohya's with the UNet's original layer names (`ldm`: `lora_unet_input_blocks_4_1_...`, as
+    kohya's SDXL LoRAs are), or diffusers/PEFT's (`unet.<path>.lora_A.weight`); `alpha` None writes none."""
     import torch
     from safetensors.torch import save_file
+
+    from ..models.ldm_names import unet_key_to_ldm
 
     gen = torch.Generator().manual_seed(seed)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -69,8 +72,9 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
                 up = torch.randn(module.out_features, rank, generator=gen) * scale
             if component != "unet" and not name.startswith("text_model."):
                 name = "text_model." + name  # the names LoRA files carry (transformers 5 dropped the wrapper)
-            if fmt == "kohya":
-                key = kohya_prefix[component] + name.replace(".", "_")
+            if fmt in ("kohya", "ldm"):
+                layer = unet_key_to_ldm(name, model.config) if fmt == "ldm" and component == "unet" else name
+                key = kohya_prefix[component] + layer.replace(".", "_")
                 names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
             else:
                 key = f"{component}.{name}"
@@ -80,5 +84,5 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
                 tensors[names[2]] = torch.tensor(float(alpha)).half()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"} if fmt == "kohya" else None)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"} if fmt != "peft" else None)
     return path
