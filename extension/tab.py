@@ -28,6 +28,16 @@ def host_checkpoint_folders() -> list:
     return folders
 
 
+def host_lora_folders() -> list:
+    """The host's LoRA folder (`--lora-dir`, models/Lora by default), for the tab's `<lora:...>` tags."""
+    import os
+
+    from modules import paths, shared
+
+    folder = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+    return [folder]
+
+
 def build_tab():
     """[(blocks, title, id)] for on_ui_tabs; a tab that says why when the engine cannot run in this Python."""
     import gradio as gr
@@ -42,5 +52,5 @@ def build_tab():
     from ..webui.catalog import ModelCatalog
     from ..webui.session import WebSession
 
-    session = WebSession(ModelCatalog(host_checkpoint_folders()))
+    session = WebSession(ModelCatalog(host_checkpoint_folders()), lora_folders=host_lora_folders())
     return [(build_blocks(session), "SDAccel", TAB_ID)]

@@ -1,4 +1,4 @@
-"""ComfyUI nodes over the engine: a loader, one toggle per optimization unit, the CFG cutoff, the samplers
+"""ComfyUI nodes over the engine: a loader, a LoRA node, one toggle per optimization unit, the CFG cutoff, the samplers
 and the SDXL refiner ensemble. Node ids are forever (`SDAccel...`), categories live under `sdaccel/`.
 
 Only class definitions happen at import; ComfyUI modules are imported lazily (`host.py`), so this
@@ -9,6 +9,7 @@ from .ensemble import SDAccelRefinerEnsemble
 from .generation import engine_cache
 from .host import register_routes
 from .loader import SDAccelLoader
+from .lora import SDAccelLora
 from .model_patches import MODEL_PATCH_NAMES, MODEL_PATCHES
 from .sampler import SDAccelSampler, SDAccelSamplerImg2Img
 from .toggles import SDAccelCFGCutoff, display_name, toggle_nodes
@@ -17,6 +18,7 @@ _TOGGLES = toggle_nodes()
 
 NODE_CLASS_MAPPINGS: dict = {
     "SDAccelLoader": SDAccelLoader,
+    "SDAccelLora": SDAccelLora,
     **_TOGGLES,
     "SDAccelCFGCutoff": SDAccelCFGCutoff,
     "SDAccelRefinerEnsemble": SDAccelRefinerEnsemble,
@@ -27,6 +29,7 @@ NODE_CLASS_MAPPINGS: dict = {
 
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "SDAccelLoader": "SDAccel Load Checkpoint",
+    "SDAccelLora": "SDAccel LoRA",
     **{node_id: display_name(cls) for node_id, cls in _TOGGLES.items()},
     "SDAccelCFGCutoff": "SDAccel CFG Cutoff",
     "SDAccelRefinerEnsemble": "SDAccel SDXL Refiner Ensemble",

@@ -83,6 +83,19 @@ def resolve_checkpoint(name: str) -> str | None:
     return None
 
 
+def lora_choices() -> list[str]:
+    """The LoRA node's dropdown: ComfyUI's models/loras, then the path option."""
+    folder_paths = _module("folder_paths")
+    return (list(folder_paths.get_filename_list("loras")) if folder_paths is not None else []) + [USE_PATH]
+
+
+def resolve_lora(name: str) -> str | None:
+    folder_paths = _module("folder_paths")
+    if folder_paths is None or name == USE_PATH:
+        return None
+    return folder_paths.get_full_path("loras", name)
+
+
 def resolve_model_file(kind: str, field: str, value: str) -> str:
     """A bare file name in a config field that names weights (e.g. vae.path = taesd_decoder.pth), looked up
     in ComfyUI's model folders; anything else (absolute paths, 'synthetic', unknown names) is returned as is."""

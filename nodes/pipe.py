@@ -41,6 +41,13 @@ class SDAccelPipe:
             check_conflicts(each.optimizations)
         return new
 
+    def with_lora(self, lora) -> "SDAccelPipe":
+        """A new pipe with the LoRA (a LoraRef) added after the ones it has; an ensemble's base gets it."""
+        if isinstance(self.spec, EnsembleSpec):
+            base = replace(self.spec.base, loras=self.spec.base.loras + (lora,))
+            return replace(self, spec=replace(self.spec, base=base))
+        return replace(self, spec=replace(self.spec, loras=self.spec.loras + (lora,)))
+
     def with_run_settings(self, **settings) -> "SDAccelPipe":
         GenerationRequest(**settings)  # validate now, with the engine's messages
         merged = dict(self.run_settings)
@@ -52,8 +59,10 @@ class SDAccelPipe:
         return GenerationRequest(**{**fields, **dict(self.run_settings)})
 
     def toggles(self) -> list[str]:
-        """What was asked for (before any fallback): `kind(field=value)`, run settings, the refiner switch."""
-        return shown_labels(self.specs()[0].optimizations) + self.run_toggles()
+        """What was asked for (before any fallback): `kind(field=value)`, LoRAs, run settings, the refiner
+        switch."""
+        loras = [f"lora({os.path.basename(lora.path)}:{lora.strength:g})" for lora in self.specs()[0].loras]
+        return shown_labels(self.specs()[0].optimizations) + loras + self.run_toggles()
 
     def run_toggles(self) -> list[str]:
         """The per-run settings that differ from the defaults, and the refiner switch point."""

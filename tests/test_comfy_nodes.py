@@ -34,8 +34,8 @@ SAMPLE = dict(prompt="a red fox", negative_prompt="", width=64, height=64, steps
 LOADER_DEFAULTS = dict(family="auto", prediction_type="auto", config_dir="", device="cpu")
 
 # Node ids are forever: renaming one breaks every saved workflow. Extend this list, never edit it.
-STABLE_IDS = ["SDAccelLoader", "SDAccelPrecision", "SDAccelAttention", "SDAccelChannelsLast", "SDAccelWinograd",
-              "SDAccelDeepCache", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload", "SDAccelCompile",
+STABLE_IDS = ["SDAccelLoader", "SDAccelLora", "SDAccelPrecision", "SDAccelAttention", "SDAccelChannelsLast",
+              "SDAccelWinograd", "SDAccelDeepCache", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload", "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
               "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
               "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel"]
@@ -390,3 +390,25 @@ def test_readme_comfyui_section_lists_every_node_and_the_fastest_walkthrough():
         for name in cls.INPUT_TYPES()["required"]:
             assert name in row, f"README row of {node_type} lacks input {name}"
     assert "custom_nodes" in section and "ComfyUI-Manager" in section and "fastest" in section
+
+
+def test_lora_node_adds_to_the_pipe_and_the_sampler_merges_it(checkpoints, shared_cache, tmp_path):
+    from sdaccel.optim.spec.lora import LoraRef
+    from sdaccel.optim.testing.lora import random_lora
+
+    lora = random_lora(checkpoints.pipeline("sd15"), tmp_path / "style.safetensors")
+    base = load(checkpoints.get("sd15").path)
+    pipe = call("SDAccelLora", pipe=base, lora_name=host.USE_PATH, strength=0.7, path=str(lora))[0]
+    assert pipe.spec.loras == (LoraRef(str(lora), 0.7),) and base.spec.loras == ()  # cloned, not changed
+    assert "lora(style.safetensors:0.7)" in pipe.toggles()
+    plain = call("SDAccelSampler", pipe=base, keep_loaded=True, **SAMPLE)["result"][0]
+    merged = call("SDAccelSampler", pipe=pipe, keep_loaded=True, **SAMPLE)["result"][0]
+    assert not torch.equal(plain, merged)
+    torch.testing.assert_close(merged, run(pipe.spec, GenerationRequest(**SAMPLE), cache=shared_cache).images_tensor)
+    bypassed = call("SDAccelSampler", pipe=base, keep_loaded=True, **SAMPLE)["result"][0]
+    assert torch.equal(bypassed, plain)  # the node bypassed: the checkpoint's own image again
+    with pytest.raises(CheckpointError, match="missing.safetensors"):
+        call("SDAccelLora", pipe=base, lora_name=host.USE_PATH, strength=1.0,
+             path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ConfigError, match="no LoRA chosen"):
+        call("SDAccelLora", pipe=base, lora_name=host.USE_PATH, strength=1.0, path="")

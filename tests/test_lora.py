@@ -189,3 +189,28 @@ def test_bad_lora_files_are_named_and_the_pipeline_keeps_working(checkpoints, ca
     with pytest.raises(CheckpointError, match="made for SDXL"):  # a good one beside a bad one: neither merged
         run(spec.with_(loras=(LoraRef(str(good)), LoraRef(str(xl)))), REQUEST, cache=cache)
     assert run(spec, REQUEST, cache=cache).images[0] == plain
+
+
+@pytest.mark.parametrize("prompt, clean, tags", [
+    ("a fox <lora:ink:0.8>, snow", "a fox, snow", [("ink", 0.8)]),
+    ("<lora:ink>a fox", "a fox", [("ink", 1.0)]),
+    ("a fox <lora:ink:0.5:0.2> <lora:paper:-1>", "a fox", [("ink", 0.5), ("paper", -1.0)]),
+    ("a fox", "a fox", []),
+])
+def test_a1111_prompt_tags(prompt, clean, tags):
+    from sdaccel.optim.lora.prompt import split_lora_tags
+
+    assert split_lora_tags(prompt) == (clean, tags)
+
+
+def test_a1111_prompt_tag_with_a_bad_strength_and_finding_files(tmp_path):
+    from sdaccel.optim.lora.prompt import find_lora, split_lora_tags
+
+    with pytest.raises(ConfigError, match="where a strength goes"):
+        split_lora_tags("a fox <lora:ink:strong>")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ink.safetensors").write_bytes(b"x")
+    (tmp_path / "ink.txt").write_text("notes")
+    assert find_lora("ink", [tmp_path]) == tmp_path / "sub" / "ink.safetensors"
+    assert find_lora("ink.safetensors", [tmp_path / "missing", tmp_path]) == tmp_path / "sub" / "ink.safetensors"
+    assert find_lora("paper", [tmp_path]) is None

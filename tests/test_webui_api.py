@@ -38,12 +38,15 @@ def models(tmp_path_factory, checkpoints):
     pipe = checkpoints.pipeline("sd15")
     write_checkpoint("sd15", folder / "fox.safetensors", tiny=True, dtype="float32", pipe=pipe)
     write_checkpoint("sd15", folder / "sub" / "owl.safetensors", tiny=True, dtype="float32", pipe=pipe)
+    from sdaccel.optim.testing.lora import random_lora
+
+    random_lora(pipe, folder.parent / "webui-loras" / "styles" / "ink.safetensors")
     return folder
 
 
 @pytest.fixture(scope="module")
 def session(models):
-    session = WebSession(ModelCatalog([models]), queue_size=2)
+    session = WebSession(ModelCatalog([models]), queue_size=2, lora_folders=[models.parent / "webui-loras"])
     yield session
     session.close()
 
@@ -285,3 +288,20 @@ def test_the_a1111_accordions_arguments_work_here_too(client):
             **A1111_BODY, "alwayson_scripts": {"SDAccel": {"args": [True, False, False, 1.0, interval]}}})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "4", (interval, bad.text)
         assert "deepcache" in bad.json()["detail"][0]["msg"]
+
+
+def test_prompt_lora_tags_merge_the_named_lora(client):
+    def pixels(body):
+        return _image(body["images"][0]).convert("RGB").tobytes()
+
+    plain, _ = txt2img(client, prompt="a lighthouse at dusk")
+    tagged, info = txt2img(client, prompt="a lighthouse <lora:ink:0.8> at dusk")
+    assert pixels(tagged) != pixels(plain)
+    notes = info["sdaccel"]["stats"][0]["notes"]
+    assert any(note.startswith("LoRA ink.safetensors x0.8:") for note in notes), notes
+    assert info["prompt"] == "a lighthouse at dusk"  # the text encoder never saw the tag
+    again, _ = txt2img(client, prompt="a lighthouse at dusk")
+    assert pixels(again) == pixels(plain)  # taken out again: the plain image
+    bad = client.post("/sdapi/v1/txt2img", json={**A1111_BODY, "prompt": "a fox <lora:nowhere:1>"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "prompt", bad.text
+    assert "no LoRA named 'nowhere'" in bad.text

@@ -33,7 +33,8 @@ def plan_generation(session, parsed: a1111.ParsedRequest):
     from ..optim.spec.optimization import check_conflicts
 
     spec, entry = session.spec(checkpoint=parsed.checkpoint)
-    spec, request = _apply_presets(spec, parsed.request, parsed.presets)
+    spec, request = session.prompt_loras(spec, parsed.request)
+    spec, request = _apply_presets(spec, request, parsed.presets)
     for cfg in parsed.optimizations:
         spec = spec.with_optimization(cfg)
     check_conflicts(spec.optimizations)

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                         help="a checkpoint outside the models folders (or synthetic:<family>); the first one given "
                         "is selected at start")
+    parser.add_argument("--loras", action="append", default=[], metavar="DIR",
+                        help="folder of LoRA files for the prompt's <lora:name:strength> tags (repeatable; default: "
+                        "a Lora folder beside each models folder, as A1111 lays them out)")
     parser.add_argument("--family", default="auto", choices=FAMILY_CHOICES, help="family override for every model")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--port", type=int, default=7860)
@@ -64,8 +67,9 @@ def main(argv=None) -> int:
         from ..optim.testing import enable_synthetic
 
         enable_synthetic()  # synthetic:<family> checkpoints (random weights) for trying the UI without a model
+        loras = args.loras or [Path(folder).expanduser().parent / "Lora" for folder in folders]
         session = WebSession(ModelCatalog(folders, args.checkpoint), family=args.family, device=args.device,
-                             queue_size=args.queue_size,
+                             queue_size=args.queue_size, lora_folders=loras,
                              checkpoint=ModelCatalog.extra_title(args.checkpoint[0]) if args.checkpoint else None)
         serve(session, host=host, port=args.port, ui=not args.api_only)
     except SDAccelError as exc:

@@ -59,6 +59,11 @@ def build_job(session, form: dict):
     if image is not None:
         values["init_image"] = image
     request = GenerationRequest(**values)
+    if isinstance(spec, EnsembleSpec):
+        base, request = session.prompt_loras(spec.base, request)
+        spec = replace(spec, base=base)
+    else:
+        spec, request = session.prompt_loras(spec, request)
     return spec, [request], entry.title
 
 
