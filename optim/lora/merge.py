@@ -1,7 +1,8 @@
 """Merging LoRAs into a loaded pipeline's weights, and taking them out bit for bit.
 
-Each adapted weight gets `W + sum(strength * scale * up @ down)`, computed in fp32 and written into the same
-Parameter in place (so every reference to the module stays valid). The weight as loaded is kept beside it
+Each adapted weight gets `W + sum(strength * scale * up @ down)`, added into the same Parameter in place (one
+fused multiply-add per layer for fp32 weights, so every reference to the module stays valid and no weight-sized
+temporary is made). The weight as loaded is kept beside it
 (only for the adapted layers, as ComfyUI's ModelPatcher keeps its backups), and restoring copies it back:
 switching or removing a LoRA restores the exact base weights and reads no checkpoint. Every file is read and
 checked against the pipeline before any weight changes, so a bad file leaves the pipeline as it was.
@@ -52,13 +53,23 @@ def _modules(pipe, component: str, lora_format: str) -> dict:
     return found
 
 
-def _delta(layer: LoraLayer, weight):
-    down = layer.down.float().flatten(1)
-    up = layer.up.float().flatten(1)
-    product = up @ down
-    if product.shape != (weight.shape[0], weight[0].numel()):
-        return None
-    return product.reshape(weight.shape) * layer.scale
+def _fits(layer: LoraLayer, weight) -> bool:
+    return (layer.up.shape[0] == weight.shape[0] and layer.up[0].numel() == layer.rank
+            and layer.down[0].numel() == weight[0].numel())
+
+
+def _add(parameter, layer: LoraLayer, factor: float) -> None:
+    """parameter += factor * scale * up @ down, in place (fp32 weights: one fused multiply-add, no temporary)."""
+    import torch
+
+    up, down = layer.up.float().flatten(1), layer.down.float().flatten(1)
+    alpha = factor * layer.scale
+    if parameter.dtype == torch.float32 and parameter.is_contiguous():
+        parameter.view(parameter.shape[0], -1).addmm_(up.to(parameter.device), down.to(parameter.device), alpha=alpha)
+    else:
+        merged = parameter.float().view(parameter.shape[0], -1).addmm_(up.to(parameter.device),
+                                                                       down.to(parameter.device), alpha=alpha)
+        parameter.copy_(merged.view(parameter.shape).to(parameter.dtype))
 
 
 def _family_hint(lora: LoraFile, pipe) -> str:
@@ -71,43 +82,43 @@ def _family_hint(lora: LoraFile, pipe) -> str:
     return "it was made for another model family (its layer names or sizes differ from this model's)"
 
 
-def plan_deltas(pipe, loras) -> tuple[dict, list[str]]:
-    """{id(parameter): (parameter, fp32 delta)} summed over `loras` (LoraRefs), and one summary line per LoRA;
-    CheckpointError naming the file when a LoRA does not fit this pipeline."""
-    deltas: dict = {}
+def plan(pipe, loras) -> tuple[list, list[str]]:
+    """[(parameter, layer, strength)] for `loras` (LoraRefs) in order, and one summary line per LoRA; every file is
+    read and checked against `pipe` here (a CheckpointError names the file when a LoRA does not fit)."""
+    merges = []
     lines = []
     for ref in loras:
         lora = read_lora(ref.path)
-        by_component = {}
+        by_component: dict = {}
         misses, adapted = [], 0
         for layer in lora.layers:
-            modules = by_component.setdefault(layer.component, _modules(pipe, layer.component, lora.format))
-            module = modules.get(layer.name)
-            delta = None if module is None else _delta(layer, module.weight)
-            if delta is None:
+            if layer.component not in by_component:
+                by_component[layer.component] = _modules(pipe, layer.component, lora.format)
+            module = by_component[layer.component].get(layer.name)
+            if module is None or not _fits(layer, module.weight):
                 misses.append(f"{layer.component}:{layer.name}")
                 continue
             adapted += 1
-            key = id(module.weight)
-            previous = deltas.get(key, (module.weight, 0))[1]
-            deltas[key] = (module.weight, previous + delta * ref.strength)
+            merges.append((module.weight, layer, ref.strength))
         if misses:
             raise CheckpointError(Path(ref.path), f"does not fit this model: {len(misses)} of {len(lora.layers)} "
                                   f"LoRA layers name layers it lacks or has in other sizes (e.g. {misses[0]}); "
                                   f"{_family_hint(lora, pipe)}",
                                   "Use a LoRA made for this model's family, or load the checkpoint it was made for")
         lines.append(f"LoRA {Path(ref.path).name} x{ref.strength:g}: {adapted} layers ({lora.format} format)")
-    return deltas, lines
+    return merges, lines
 
 
-def restore(state: LoraState) -> None:
-    """Put the loaded weights back (bit for bit) and forget them."""
+def restore(state: LoraState, keep=frozenset()) -> None:
+    """Put the loaded weights back (bit for bit); forget the copies except those of the parameters in `keep`
+    (ids), which the next merge adapts again (a switch then copies no weight)."""
     import torch
 
     with torch.no_grad():
         for parameter, original in state.originals.values():
             parameter.copy_(original)
-    state.originals.clear()
+    for key in [key for key in state.originals if key not in keep]:
+        del state.originals[key]
     state.applied, state.lines = (), []
 
 
@@ -122,12 +133,13 @@ def set_loras(pipe, loras, state: LoraState | None) -> LoraState:
     if identities == state.applied:
         return state
     start = time.perf_counter()
-    deltas, lines = plan_deltas(pipe, loras) if loras else ({}, [])
-    restore(state)
+    merges, lines = plan(pipe, loras) if loras else ([], [])
+    restore(state, keep={id(parameter) for parameter, _, _ in merges})
     with torch.no_grad():
-        for key, (parameter, delta) in deltas.items():
-            state.originals[key] = (parameter, parameter.detach().clone())
-            parameter.copy_((parameter.float() + delta).to(parameter.dtype))
+        for parameter, layer, strength in merges:
+            if id(parameter) not in state.originals:
+                state.originals[id(parameter)] = (parameter, parameter.detach().clone())
+            _add(parameter, layer, strength)
     state.applied, state.lines = identities, lines
     state.switch_s = time.perf_counter() - start
     return state
