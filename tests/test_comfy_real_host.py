@@ -28,10 +28,21 @@ TEST_SIZE, TEST_STEPS = 64, 3
 pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
 
 
+LORA = "ink.safetensors"
+
+
+def _write_lora(models: Path) -> None:
+    """A LoRA in ComfyUI's models/loras for the SD 1.5 checkpoint the workflows use (same random architecture)."""
+    from sdaccel.optim.testing.lora import random_lora
+    from sdaccel.optim.testing.random_weights import build_pipeline
+
+    random_lora(build_pipeline(examples.SD15.family, tiny=True), models / "loras" / LORA)
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     models = {name: model.family for name, model in examples.MODELS.items()}
-    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-base"), models)
+    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-base"), models, write_extra=_write_lora)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +161,36 @@ def test_example_workflow_runs_and_reproduces_its_bench_preset(comfy, frontend, 
     assert stats["request"]["width"] == TEST_SIZE and stats["request"]["steps"] == TEST_STEPS
     comfy.timings[path.stem] = {"wall_s": round(seconds, 2), "run_s": stats["total_s"], "toggles": stats["toggles"],
                                 "notes": stats["notes"]}
+
+
+def test_lora_node_offers_models_loras_and_the_sampler_merges_it(comfy, frontend, object_info):
+    import numpy as np
+    from PIL import Image
+
+    assert LORA in object_info["SDAccelLora"]["input"]["required"]["lora_name"][0]  # ComfyUI's models/loras
+    plain = _prompt(frontend, "baseline")
+    sampler, save = _node(plain, "SDAccelSampler"), _node(plain, "SaveImage")
+    with_lora = json.loads(json.dumps(plain))
+    with_lora["lora"] = {"class_type": "SDAccelLora", "inputs": {"pipe": plain[sampler]["inputs"]["pipe"],
+                                                                   "lora_name": LORA, "strength": 0.8, "path": ""}}
+    with_lora[sampler]["inputs"]["pipe"] = ["lora", 0]
+
+    def image_and_stats(prompt):
+        entry, _ = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"], indent=1)[-3000:]
+        found = entry["outputs"][save]["images"][0]
+        with Image.open(comfy.base / "output" / found["subfolder"] / found["filename"]) as image:
+            return np.asarray(image.convert("RGB")), entry["outputs"][sampler]["sdaccel_stats"][0]
+
+    base_image, _ = image_and_stats(plain)
+    lora_image, stats = image_and_stats(with_lora)
+    assert not np.array_equal(base_image, lora_image)
+    assert any(note.startswith(f"LoRA {LORA} x0.8:") for note in stats["notes"]), stats["notes"]
+    assert f"lora({LORA}:0.8)" in stats["requested"]
+    rerun = json.loads(json.dumps(plain))  # keep_loaded flipped: ComfyUI runs the sampler again, same image
+    rerun[sampler]["inputs"]["keep_loaded"] = not plain[sampler]["inputs"]["keep_loaded"]
+    again, _ = image_and_stats(rerun)
+    assert np.array_equal(again, base_image)  # bypassed: the checkpoint's own weights, restored exactly
 
 
 def test_identical_prompt_is_served_from_comfyuis_cache(comfy, frontend):
