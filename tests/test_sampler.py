@@ -73,11 +73,39 @@ def test_every_scheduler_runs_deterministically(scheduler, cache):
 
 def test_schedulers_differ_from_each_other(cache):
     images = {s: run(_spec("sd15"), BASE.with_(scheduler=s), cache=cache).images_tensor
-              for s in ("euler", "euler_a", "dpmpp_2m_karras", "ddim")}
+              for s in ("euler", "euler_a", "dpmpp_2m_karras", "ddim", "lcm", "tcd", "euler_trailing")}
     names = list(images)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not torch.equal(images[a], images[b]), (a, b)
+
+
+def test_few_step_schedulers_are_the_ones_distilled_models_need(cache):
+    """LCM and TCD (LCM-LoRA, TCD-LoRA, Hyper-SD), and trailing timesteps (SDXL-Lightning, Hyper-SD: the first
+    step starts at t=999, which the default leading spacing never reaches), by name and as A1111 spells them."""
+    from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+    from sdaccel.optim.models.schedulers import make_scheduler, normalise_scheduler
+    from sdaccel.webui.a1111 import _scheduler
+
+    run(_spec("sd15"), BASE, cache=cache)
+    config = cache.entries()[-1].loaded.scheduler_config
+    expected = {"lcm": LCMScheduler, "tcd": TCDScheduler, "euler_trailing": EulerDiscreteScheduler}
+    for name, cls in expected.items():
+        assert type(make_scheduler(name, config)) is cls
+    leading, trailing = make_scheduler("euler", config), make_scheduler("euler_trailing", config)
+    leading.set_timesteps(4)
+    trailing.set_timesteps(4)
+    assert int(trailing.timesteps[0]) == 999 and int(leading.timesteps[0]) < 999
+    ddim = make_scheduler("ddim_trailing", config)
+    ddim.set_timesteps(4)
+    assert int(ddim.timesteps[0]) == 999
+    assert normalise_scheduler("Euler (trailing)") == "euler_trailing" and normalise_scheduler("LCM") == "lcm"
+    assert _scheduler("Euler", "SGM Uniform") == "euler_trailing" and _scheduler("LCM", "Automatic") == "lcm"
+    lcm = run(_spec("sd15"), BASE.with_(scheduler="lcm", cfg=1.0, steps=4), cache=cache)
+    assert lcm.stats.scheduler == "LCM" and lcm.stats.unet_batch_sizes == [1] * 4  # CFG 1: no negative pass
+    again = run(_spec("sd15"), BASE.with_(scheduler="lcm", steps=4, strength=0.5, init_image=lcm.images[0]),
+                cache=cache)  # img2img on the LCM schedule: the tail of its timesteps
+    assert again.stats.unet_calls == 2
 
 
 @pytest.mark.parametrize("family", ["sdxl-turbo", "sd-turbo"])

@@ -48,7 +48,7 @@ ACCEPTED = {"do_not_save_samples", "do_not_save_grid", "override_settings_restor
             "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
             "latent_mask", "resize_mode", "send_images", "alwayson_scripts", "override_settings", "init_images",
             "user"}
-_SCHEDULER_SUFFIX = {"karras": "_karras"}
+_SCHEDULER_SUFFIX = {"karras": "_karras", "sgm uniform": "_trailing"}  # SGM Uniform: what Lightning asks for
 
 
 class PayloadError(SDAccelError):
