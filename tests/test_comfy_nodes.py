@@ -35,7 +35,8 @@ LOADER_DEFAULTS = dict(family="auto", prediction_type="auto", config_dir="", dev
 
 # Node ids are forever: renaming one breaks every saved workflow. Extend this list, never edit it.
 STABLE_IDS = ["SDAccelLoader", "SDAccelLora", "SDAccelPrecision", "SDAccelAttention", "SDAccelChannelsLast",
-              "SDAccelWinograd", "SDAccelDeepCache", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload", "SDAccelCompile",
+              "SDAccelWinograd", "SDAccelDeepCache", "SDAccelTome", "SDAccelFreeU", "SDAccelVAE", "SDAccelOffload",
+              "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
               "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
               "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel"]

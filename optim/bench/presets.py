@@ -91,6 +91,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            (("winograd", {}),)),
     Preset("deepcache", "DeepCache, interval 3, branch 0", (("deepcache", {"cache_interval": 3,
                                                                            "cache_branch_id": 0}),)),
+    Preset("tome", "Token merging: half of the self-attention tokens on the largest maps merged (tomesd's default)",
+           (("tome", {"ratio": 0.5}),)),
     Preset("steps-30", "30 steps where the baseline runs 50 (60% of --steps)", steps_scale=0.6),
     Preset("steps-25", "25 steps where the baseline runs 50 (50% of --steps)", steps_scale=0.5),
     Preset("steps-20", "20 steps where the baseline runs 50 (40% of --steps)", steps_scale=0.4),

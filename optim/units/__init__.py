@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("precision", "attention", "channels_last", "winograd", "deepcache", "freeu", "vae", "offload", "compile")
+BUILTIN = ("precision", "attention", "channels_last", "winograd", "deepcache", "tome", "freeu", "vae", "offload",
+           "compile")
 
 
 _APPLY_DOC = """Apply {title} to a diffusers pipeline; `handle.remove()` restores it exactly.
