@@ -22,6 +22,6 @@ class ToMeConfig(OptimizationConfig):
                           "more is faster and softer)", min=0.0, max=0.75, step=0.05)
     max_downsample: int = option(1, "Merge only where the latent is downsampled at most this much: 1 is the "
                                  "largest maps (most of the attention cost), 2/4/8 reach deeper blocks",
-                                 choices=(1, 2, 4, 8))
+                                 choices=(1, 2, 4, 8), min=1, max=8)
     stride: int = option(2, "Side of the square window each kept (destination) token stands for", min=2, max=4,
                          step=1)
