@@ -116,7 +116,8 @@ def test_switching_and_removing_restores_the_exact_weights_without_reading_the_c
 
 
 @pytest.mark.parametrize("kind, fields", [("channels_last", {}), ("winograd", {"tile": "f2", "vae": False}),
-                                          ("precision", {"unet": "bf16"})])
+                                          ("precision", {"unet": "bf16"}), ("offload", {"mode": "staged"}),
+                                          ("offload", {"mode": "group"})])
 def test_units_apply_on_the_merged_weights_in_any_order(checkpoints, cache, tmp_path, kind, fields):
     from sdaccel.optim.spec.optimization import config_class
 
