@@ -5,6 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _factors(module, is_conv: bool, rank: int, scale: float, gen):
+    """Random (down, up) factors for a 3x3 convolution or a linear layer, drawn in that order."""
+    import torch
+
+    if is_conv:
+        down = torch.randn(rank, module.in_channels, 3, 3, generator=gen) * scale
+        return down, torch.randn(module.out_channels, rank, 1, 1, generator=gen) * scale
+    down = torch.randn(rank, module.in_features, generator=gen) * scale
+    return down, torch.randn(module.out_features, rank, generator=gen) * scale
+
+
 def kohya_unet_lora(unet, path, *, rank: int = 4, seed: int = 0, scale: float = 0.05) -> Path:
     """A kohya-format LoRA (`lora_unet_<diffusers module path>.lora_down/.lora_up/.alpha`) over every 3x3
     convolution of the diffusers `unet`'s resnets and every attention query, so both conv and linear patching
@@ -20,12 +31,7 @@ def kohya_unet_lora(unet, path, *, rank: int = 4, seed: int = 0, scale: float = 
         if not (is_conv or is_query):
             continue
         key = "lora_unet_" + name.replace(".", "_")
-        if is_conv:
-            down = torch.randn(rank, module.in_channels, 3, 3, generator=gen) * scale
-            up = torch.randn(module.out_channels, rank, 1, 1, generator=gen) * scale
-        else:
-            down = torch.randn(rank, module.in_features, generator=gen) * scale
-            up = torch.randn(module.out_features, rank, generator=gen) * scale
+        down, up = _factors(module, is_conv, rank, scale, gen)
         tensors[f"{key}.lora_down.weight"] = down.half()
         tensors[f"{key}.lora_up.weight"] = up.half()
         tensors[f"{key}.alpha"] = torch.tensor(float(rank)).half()
@@ -64,12 +70,7 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
             is_attention = isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_LAYERS)
             if not (is_conv or is_attention):
                 continue
-            if is_conv:
-                down = torch.randn(rank, module.in_channels, 3, 3, generator=gen) * scale
-                up = torch.randn(module.out_channels, rank, 1, 1, generator=gen) * scale
-            else:
-                down = torch.randn(rank, module.in_features, generator=gen) * scale
-                up = torch.randn(module.out_features, rank, generator=gen) * scale
+            down, up = _factors(module, is_conv, rank, scale, gen)
             if component != "unet" and not name.startswith("text_model."):
                 name = "text_model." + name  # the names LoRA files carry (transformers 5 dropped the wrapper)
             if fmt in ("kohya", "ldm"):
