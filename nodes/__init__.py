@@ -1,11 +1,13 @@
-"""ComfyUI nodes over the engine: a loader, a LoRA node, one toggle per optimization unit, the CFG cutoff, the samplers
-and the SDXL refiner ensemble. Node ids are forever (`SDAccel...`), categories live under `sdaccel/`.
+"""ComfyUI nodes over the engine: a loader, a LoRA node, one toggle per optimization unit, the CFG cutoff, the
+memory-budget planner, the samplers and the SDXL refiner ensemble. Node ids are forever (`SDAccel...`), categories
+live under `sdaccel/`.
 
 Only class definitions happen at import; ComfyUI modules are imported lazily (`host.py`), so this
 package imports and its nodes run without ComfyUI.
 """
 
 from .ensemble import SDAccelRefinerEnsemble
+from .fit_memory import SDAccelFitToMemory
 from .generation import engine_cache
 from .host import register_routes
 from .loader import SDAccelLoader
@@ -25,6 +27,7 @@ NODE_CLASS_MAPPINGS: dict = {
     "SDAccelSampler": SDAccelSampler,
     "SDAccelSamplerImg2Img": SDAccelSamplerImg2Img,
     **MODEL_PATCHES,
+    "SDAccelFitToMemory": SDAccelFitToMemory,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
@@ -36,6 +39,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "SDAccelSampler": "SDAccel Sampler",
     "SDAccelSamplerImg2Img": "SDAccel Sampler (img2img)",
     **MODEL_PATCH_NAMES,
+    "SDAccelFitToMemory": "SDAccel Fit to Memory",
 }
 
 register_routes(engine_cache)  # only inside ComfyUI: adds GET /sdaccel/pipelines

@@ -152,6 +152,31 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true",
                        help="bench winograd: where each whole module's time goes (PyTorch profiler, top operations by "
                             "own time), plain, with Winograd, and with the PyTorch Winograd if --compare-pytorch")
+    plan = sub.add_parser("plan", help="the fastest measured combination that fits a memory budget on this machine")
+    plan.add_argument("--budget", required=True, help="memory to stay within: 6GB, 5.5GB, 5500MB (process RAM on a "
+                      "CPU, GPU memory on a GPU)")
+    plan.add_argument("--family", default="sd15", choices=sorted(FAMILIES), help="model family (the profile is "
+                      "measured on its architecture with random weights: same cost as trained ones)")
+    plan.add_argument("--checkpoint", default="", help="measure this checkpoint (its family given by --family) "
+                      "instead of the family's architecture with random weights")
+    plan.add_argument("--size", type=int, default=512, help="image side in pixels")
+    plan.add_argument("--steps", type=int, default=20)
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    plan.add_argument("--lossless", action="store_true", help="only combinations that keep the baseline's image")
+    plan.add_argument("--min-psnr", type=float, default=None, help="only combinations at least this faithful (dB)")
+    plan.add_argument("--exclude", action="append", default=[], metavar="PART",
+                      help="leave out combinations with this part (e.g. tiny-vae when you have no TAESD file)")
+    plan.add_argument("--headroom", type=float, default=0.05, help="share of the budget kept free for run-to-run "
+                      "spread (default 0.05)")
+    how = plan.add_mutually_exclusive_group()
+    how.add_argument("--measure", action="store_true", help="measure the profile again even if a current one is kept")
+    how.add_argument("--no-measure", action="store_true", help="fail instead of measuring when no current profile "
+                     "is kept")
+    how.add_argument("--profile", default=None, help="choose among the rows of this `bench --json` report instead")
+    plan.add_argument("--repeats", type=int, default=2, help="timed runs per combination when measuring")
+    plan.add_argument("--warmup", type=int, default=1)
+    plan.add_argument("--json", default=None, help="write the plan and its profile here")
     return parser
 
 
@@ -256,7 +281,8 @@ def cmd_bench(args) -> int:
                                     channels_last=args.channels_last,
                                     fused_transforms=not args.eager_transforms, kernel=args.winograd_kernel,
                                     filter_cache_mb=args.filter_cache_mb, compare_pytorch=args.compare_pytorch,
-                                    profile=args.profile, modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
+                                    profile=args.profile,
+                                    modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
         print(format_winograd_table(report))
         if args.json:
             print(f"wrote {write_json(report, args.json)}")
@@ -281,6 +307,31 @@ def cmd_bench(args) -> int:
         print(f"wrote {write_json(report, args.json)}")
     if args.chart:
         print(f"wrote {write_chart(report, args.chart)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan.budget import parse_budget
+    from .plan.choose import format_plan
+    from .plan.planner import make_plan
+
+    parse_budget(args.budget)  # a typo fails before any measuring
+    _check_output_file(args.json, "--json")
+    _quiet_libraries(args.verbose)
+    measure = "always" if args.measure else "never" if args.no_measure else "auto"
+    plan, report = make_plan(args.budget, family=args.family, size=args.size, steps=args.steps,
+                             batch_size=args.batch_size, device=args.device, lossless=args.lossless,
+                             min_psnr_db=args.min_psnr, exclude=tuple(args.exclude), headroom=args.headroom,
+                             measure=measure, profile=args.profile, repeats=args.repeats, warmup=args.warmup,
+                             model=args.checkpoint)
+    print(format_plan(plan, report))
+    if args.json:
+        from .bench.runner import write_json
+
+        choice = {"preset": plan.preset, "budget_mb": plan.budget_mb, "limit_mb": plan.limit_mb,
+                  "expected_s": plan.expected_s, "peak_mb": plan.peak_mb,
+                  "lossy_parts": [vars(c) for c in plan.lossy_parts]}
+        print(f"wrote {write_json({'plan': choice, 'profile': report}, args.json)}")
     return 0
 
 
@@ -341,6 +392,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         return cmd_bench(args)
     except SDAccelError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -39,7 +39,7 @@ STABLE_IDS = ["SDAccelLoader", "SDAccelLora", "SDAccelPrecision", "SDAccelAttent
               "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
               "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
-              "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel"]
+              "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel", "SDAccelFitToMemory"]
 
 
 def call(node_type: str, **inputs):
@@ -413,3 +413,27 @@ def test_lora_node_adds_to_the_pipe_and_the_sampler_merges_it(checkpoints, share
              path=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ConfigError, match="no LoRA chosen"):
         call("SDAccelLora", pipe=base, lora_name=host.USE_PATH, strength=1.0, path="")
+
+
+def test_fit_to_memory_adds_the_planned_toggles_and_says_why(shared_cache, tmp_path, monkeypatch):
+    from sdaccel.nodes.pipe import SDAccelPipe
+    from sdaccel.optim.spec.model_ref import ModelRef
+    from sdaccel.optim.spec.pipeline import PipelineSpec
+
+    monkeypatch.setenv("SDACCEL_PLAN_DIR", str(tmp_path))  # the profile is measured into this folder
+    base = SDAccelPipe(spec=PipelineSpec(model=ModelRef.synthetic("sd15", tiny=True), device="cpu"))
+    pipe, plan = call("SDAccelFitToMemory", pipe=base, budget_gb=1000.0, width=64, height=64, steps=2,
+                      quality="lossless", measure="when missing or stale", tiny_vae="")
+    chosen = plan.splitlines()[0].removeprefix("choice: ")
+    assert "lossless" in plan and "CHOSEN" in plan and list(tmp_path.glob("plan-*.json"))
+    from sdaccel.optim.bench.presets import resolve_preset
+
+    kinds = {c.kind for c in pipe.spec.optimizations} - {"precision"}  # (every spec has one; "auto" here)
+    assert kinds == {c.kind for c in resolve_preset(chosen).configs()} - {"precision"}
+    assert not {"deepcache", "tome", "vae"} & kinds  # lossless only
+    assert [c.kind for c in base.spec.optimizations] == ["precision"]  # the input pipe is left as it was
+    image = call("SDAccelSampler", pipe=pipe, keep_loaded=False, **{**SAMPLE, "steps": 2})["result"][0]
+    assert image.shape == (1, 64, 64, 3)
+    with pytest.raises(ConfigError, match="--measure"):
+        call("SDAccelFitToMemory", pipe=base, budget_gb=1000.0, width=128, height=128, steps=2, quality="any",
+             measure="never (fail instead)", tiny_vae="")

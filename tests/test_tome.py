@@ -54,6 +54,17 @@ def test_ratio_zero_is_the_plain_image_and_merging_changes_it_only_where_allowed
     assert torch.equal(again.images_tensor, plain.images_tensor)  # removed: the plain image
 
 
+def test_sdxl_merges_on_its_largest_attention_maps_by_default(checkpoints, cache):
+    """SDXL's first level has no attention: the default (max_downsample 1) must still merge, one level down."""
+    spec = PipelineSpec(model=checkpoints.get("sdxl-base"))
+    plain = run(spec, REQUEST, cache=cache)
+    merged = run(spec.with_optimization(ToMeConfig(ratio=0.5)), REQUEST, cache=cache)
+    handle = cache.prepare(spec.with_optimization(ToMeConfig(ratio=0.5))).handle("tome")
+    assert handle.info["max_downsample"] == 2
+    assert handle.info["counts"]["merged_calls"] > 0
+    assert not torch.equal(merged.images_tensor, plain.images_tensor)
+
+
 @pytest.mark.parametrize("fields, match", [({"ratio": 0.9}, "ratio"), ({"max_downsample": 3}, "max_downsample"),
                                            ({"stride": 1}, "stride")])
 def test_bad_settings_name_the_field(fields, match):

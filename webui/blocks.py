@@ -12,7 +12,7 @@ import time
 
 from ..optim.spec.errors import GenerationInterrupted, SDAccelError
 from .controls import control, ui_fields
-from .form import NO_REFINER, build_job, optimization_classes, request_fields, stats_text
+from .form import NO_REFINER, build_job, fit_settings, optimization_classes, request_fields, stats_text
 from .service import QueueFull, engine_job
 
 POLL_S = 0.25
@@ -41,6 +41,7 @@ def build_blocks(session, *, title: str = "SDAccel"):
     import gradio as gr
 
     from ..optim.bench.presets import preset_names
+    from ..optim.plan.planner import QUALITY
     from ..optim.spec.ensemble import EnsembleSpec
     from ..optim.spec.model_ref import ModelRef
 
@@ -79,6 +80,20 @@ def build_blocks(session, *, title: str = "SDAccel"):
                                     for info in ui_fields(cls):
                                         add(("opt", kind, info.name),
                                             control(gr, info, elem_id=f"sdaccel_{kind}_{info.name}", group=cls.title))
+                        with gr.Accordion("Fit to memory", open=False, elem_id="sdaccel_fit_memory"):
+                            add(("plan", "enabled"), gr.Checkbox(
+                                value=False, label="Fit to memory: choose the optimizations", elem_id="sdaccel_fit_on",
+                                info="The fastest combination measured on this machine that fits the budget (the "
+                                     "first use of a family and size measures it: minutes, in the queue)"))
+                            add(("plan", "budget_gb"), gr.Number(value=6.0, minimum=0.5, label="Fit to memory: "
+                                                                 "budget (GB)", elem_id="sdaccel_fit_budget"))
+                            add(("plan", "quality"), gr.Dropdown(choices=list(QUALITY), value="any",
+                                                                 label="Fit to memory: quality",
+                                                                 elem_id="sdaccel_fit_quality"))
+                            add(("plan", "tiny_vae"), gr.Textbox(value="", label="Fit to memory: Tiny VAE file",
+                                                                 info="A TAESD decoder: lets the plan use the Tiny "
+                                                                      "VAE (empty: plans without it)",
+                                                                 elem_id="sdaccel_fit_tiny_vae"))
                         with gr.Accordion("SDXL refiner ensemble", open=False):
                             refiner = add(("refiner", "checkpoint"), gr.Dropdown(
                                 choices=[NO_REFINER] + _titles(session), value=NO_REFINER, label="Refiner",
@@ -120,7 +135,7 @@ def build_blocks(session, *, title: str = "SDAccel"):
             form = dict(zip(keys, values))
             try:
                 spec, requests, _ = build_job(session, form)
-                job = session.service.submit(engine_job(spec, requests),
+                job = session.service.submit(engine_job(spec, requests, fit=fit_settings(form)),
                                              label="img2img" if requests[0].is_img2img else "txt2img")
             except (SDAccelError, QueueFull) as exc:
                 yield gr.update(), gr.update(), f"**Error:** {exc}"

@@ -67,6 +67,27 @@ def build_job(session, form: dict):
     return spec, [request], entry.title
 
 
+def fit_settings(form: dict) -> dict | None:
+    """The "Fit to memory" choices ({"budget", "quality", "tiny_vae"}), or None when it is off; checked here so a
+    bad budget is refused before anything is queued."""
+    from ..optim.plan.budget import parse_budget
+    from ..optim.plan.planner import QUALITY
+
+    if not form.get(("plan", "enabled")):
+        return None
+    refiner = form.get(("refiner", "checkpoint"))
+    if refiner and refiner != NO_REFINER:
+        raise ConfigError("Fit to memory", "plans one model, not the refiner ensemble",
+                          "set Refiner to None, or turn Fit to memory off")
+    budget = form.get(("plan", "budget_gb"))
+    parse_budget(budget, field="Fit to memory: budget (GB)")
+    quality = form.get(("plan", "quality")) or "any"
+    if quality not in QUALITY:
+        raise ConfigError("Fit to memory: quality", f"{quality!r} is not one of {', '.join(QUALITY)}")
+    tiny_vae = (form.get(("plan", "tiny_vae")) or "").strip()
+    return {"budget": f"{float(budget)}GB", "quality": quality, "tiny_vae": tiny_vae}
+
+
 def stats_text(results) -> str:
     """What the UI shows under the images: the engine's summary line, the toggles applied and its notes."""
     lines = []

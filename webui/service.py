@@ -10,6 +10,7 @@ No gradio, FastAPI or host import here.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..optim.spec.errors import SDAccelError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 16
 
@@ -49,21 +52,44 @@ class Job:
     started: float | None = None
 
 
-def engine_job(spec, requests) -> Callable:
-    """A job running the engine on each request in turn (A1111's n_iter batches); progress spans all of them."""
+def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
+    """A job running the engine on each request in turn (A1111's n_iter batches); progress spans all of them.
+
+    `fit` ({"budget", "quality", "tiny_vae"}) plans the optimizations for a memory budget first, inside the job:
+    a profile that must be measured then runs in the queue, never beside another generation."""
     from ..optim.run.sampler import run
 
     requests = list(requests)
 
     def work(progress, should_interrupt):
+        nonlocal spec, requests
+        chosen = []
+        if fit:
+            from ..optim.plan.planner import plan_for
+
+            planned, _, plan, _ = plan_for(spec, requests[0], fit["budget"], quality=fit.get("quality", "any"),
+                                           tiny_vae=fit.get("tiny_vae", ""), say=log.info)
+            requests = [plan_for_request(plan, spec, request, fit) for request in requests]
+            spec = planned
+            chosen.append(f"fit to {fit['budget']}: {plan.preset}, expected {plan.expected_s:.1f} s and "
+                          f"{plan.peak_mb:.0f} MB peak" + "".join(f"; {c.part} {c.psnr_db or float('inf'):.1f} dB"
+                                                                 for c in plan.lossy_parts))
         results = []
         for i, request in enumerate(requests):
             def step(done, total, i=i):
                 progress(i * total + done, len(requests) * total)
             results.append(run(spec, request, progress=step, should_interrupt=should_interrupt))
+            results[-1].stats.notes.extend(chosen)
         return results
 
     return work
+
+
+def plan_for_request(plan, spec, request, fit: dict):
+    """One request with the plan's per-run changes (the CFG cutoff) applied."""
+    from ..optim.plan.planner import apply_plan
+
+    return apply_plan(plan, spec, request, tiny_vae=fit.get("tiny_vae") or None)[1]
 
 
 class GenerationService:

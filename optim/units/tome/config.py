@@ -20,8 +20,9 @@ class ToMeConfig(OptimizationConfig):
     lossless: ClassVar[bool] = False
     ratio: float = option(0.5, "Share of the self-attention tokens merged into others (0.5 is tomesd's default; "
                           "more is faster and softer)", min=0.0, max=0.75, step=0.05)
-    max_downsample: int = option(1, "Merge only where the latent is downsampled at most this much: 1 is the "
-                                 "largest maps (most of the attention cost), 2/4/8 reach deeper blocks",
+    max_downsample: int = option(1, "Merge only on the largest maps with attention (1; most of the attention "
+                                 "cost) or down to maps this many times smaller (2/4/8 reach deeper blocks); counted "
+                                 "from SDXL's first attention level, which is downsampled 2x",
                                  choices=(1, 2, 4, 8), min=1, max=8)
     stride: int = option(2, "Side of the square window each kept (destination) token stands for", min=2, max=4,
                          step=1)

@@ -2,8 +2,9 @@
 
 Each transformer block's self-attention (`attn1`) is wrapped: the normed tokens it receives are merged
 (`merge.matching`), attention runs on the rest, and its output is split back to every token before the block's
-residual, as tomesd's default (attention only) does. Only blocks on the largest maps are touched by default,
-where attention costs most. The latent's size comes from a hook on the UNet's input. Lossy (measured).
+residual, as tomesd's default (attention only) does. Only blocks on the largest maps with attention are touched
+by default, where attention costs most (SDXL's first level has none: its default merges one level down). The
+latent's size comes from a hook on the UNet's input. Lossy (measured).
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from .config import ToMeConfig
 from .merge import grid_of, matching
 
 
-def _wrap(attention, state: dict, cfg: ToMeConfig, counts: dict):
+def first_attention_downsample(unet) -> int:
+    """How much the latent is downsampled at the UNet's first level with attention (1 for SD 1.x/2.x; 2 for SDXL,
+    whose first level has none), so that "the largest maps" means the largest that attention runs on."""
+    types = list(getattr(getattr(unet, "config", None), "down_block_types", None) or ())
+    first = next((i for i, name in enumerate(types) if "Attn" in name), 0)
+    return 2 ** first
+
+
+def _wrap(attention, state: dict, cfg: ToMeConfig, counts: dict, max_downsample: int):
     host_forward = attention.forward
 
     def forward(hidden_states, *args, **kwargs):
         size = state.get("latent")
         grid = None
         if size is not None and hidden_states.dim() == 3 and kwargs.get("encoder_hidden_states") is None:
-            grid = grid_of(hidden_states.shape[1], size, cfg.max_downsample)
+            grid = grid_of(hidden_states.shape[1], size, max_downsample)
         if grid is None:
             return host_forward(hidden_states, *args, **kwargs)
         r = int(hidden_states.shape[1] * cfg.ratio)
@@ -49,10 +58,12 @@ class ToMe(Unit):
         patch.add_hook(unet.register_forward_pre_hook(remember_size, with_kwargs=True))
         counts: dict = {}
         blocks = 0
+        max_downsample = cfg.max_downsample * first_attention_downsample(unet)
         for module in unet.modules():
             attention = getattr(module, "attn1", None)
             if attention is not None and hasattr(module, "norm1"):
-                patch.set_attr(attention, "forward", _wrap(attention, state, cfg, counts))
+                patch.set_attr(attention, "forward", _wrap(attention, state, cfg, counts, max_downsample))
                 blocks += 1
         patch.info["blocks"] = blocks
+        patch.info["max_downsample"] = max_downsample
         patch.info["counts"] = counts
