@@ -75,12 +75,13 @@ def node_output(result: RunResult, pipe: SDAccelPipe, request: GenerationRequest
 
 
 def applied_toggles(stats: RunStats, pipe: SDAccelPipe) -> list[str]:
-    """What ran (the engine's applied configs, after fallbacks), then the pipe's run settings and refiner switch."""
+    """What ran (the engine's applied configs, after fallbacks, and the merged LoRAs), then the pipe's run settings
+    and refiner switch."""
     from ..optim.spec.optimization import config_class
     from .pipe import shown_labels
 
     configs = [config_class(d["kind"])(**{k: v for k, v in d.items() if k != "kind"}) for d in stats.applied]
-    return shown_labels(configs) + pipe.run_toggles()
+    return shown_labels(configs) + pipe.lora_labels() + pipe.run_toggles()
 
 
 def stats_text(stats: RunStats) -> str:

@@ -61,8 +61,12 @@ class SDAccelPipe:
     def toggles(self) -> list[str]:
         """What was asked for (before any fallback): `kind(field=value)`, LoRAs, run settings, the refiner
         switch."""
-        loras = [f"lora({os.path.basename(lora.path)}:{lora.strength:g})" for lora in self.specs()[0].loras]
-        return shown_labels(self.specs()[0].optimizations) + loras + self.run_toggles()
+        return shown_labels(self.specs()[0].optimizations) + self.lora_labels() + self.run_toggles()
+
+    def lora_labels(self) -> list[str]:
+        """`lora(file:strength)` for each LoRA the base model merges (a LoRA never falls back: a bad one stops
+        the run with its error)."""
+        return [f"lora({os.path.basename(lora.path)}:{lora.strength:g})" for lora in self.specs()[0].loras]
 
     def run_toggles(self) -> list[str]:
         """The per-run settings that differ from the defaults, and the refiner switch point."""

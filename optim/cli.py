@@ -97,6 +97,12 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", action="append", default=[], help="add a bench preset's optimizations")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                      help="merge a LoRA (kohya/A1111 or diffusers format) at a strength (default 1; repeatable)")
+    gen.add_argument("--fit-memory", default=None, metavar="BUDGET", help="add the planner's choice for this memory "
+                     "budget (e.g. 6GB): the fastest combination measured on this machine that fits (see `plan`)")
+    gen.add_argument("--fit-quality", default="any", choices=("any", "at least 30 dB", "lossless"),
+                     help="with --fit-memory: which lossy parts the plan may use")
+    gen.add_argument("--tiny-vae", default="", help="with --fit-memory: a TAESD decoder file, so the plan may decode "
+                     "with the Tiny VAE (without one it plans without it)")
     gen.add_argument("--out", required=True, help="folder for the PNG files")
     gen.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: run base + refiner as one schedule "
                      "(the --checkpoint must be an SDXL base)")
@@ -125,6 +131,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     bench.add_argument("--json", default=None, help="write the report as JSON here")
     bench.add_argument("--chart", default=None, help="draw speedup and memory bars into this PNG (matplotlib)")
+    bench.add_argument("--reference", default=None, help="fidelity columns against the baseline images another "
+                       "bench run saved (--save-reference) instead of rendering them here")
+    bench.add_argument("--save-reference", default=None, help="keep the baseline row's images in this file "
+                       "(safetensors) for --reference")
     bench.add_argument("--refiner", default=None, help="SDXL refiner checkpoint for the refiner-ensemble preset "
                        "(random weights when absent)")
     bench.add_argument("--channels-last", action="store_true",
@@ -230,12 +240,27 @@ def cmd_generate(args) -> int:
         spec, request = resolve_preset(name).apply(spec, request)
     for text in args.opt:
         spec = spec.with_optimization(_parse_opt(text))
+    if args.fit_memory:
+        from .plan.budget import parse_budget
+
+        parse_budget(args.fit_memory, field="--fit-memory")
+        if args.refiner:
+            raise ConfigError("--fit-memory", "plans one model, not the refiner ensemble", "drop --refiner or it")
+    elif args.tiny_vae or args.fit_quality != "any":
+        raise ConfigError("--tiny-vae/--fit-quality", "only apply with --fit-memory", "add --fit-memory BUDGET")
     if args.refiner:
         refiner = replace(spec, model=ModelRef(path=args.refiner), loras=())  # the base's LoRAs fit the base only
         spec = config_from_args(EnsembleSpec, args, base=spec, refiner=refiner)
     elif args.switch_at is not None:
         raise ConfigError("--switch-at", "applies to the refiner ensemble only", "add --refiner FILE or drop it")
     _quiet_libraries(args.verbose)
+    if args.fit_memory:
+        from .plan.planner import plan_for
+
+        spec, request, plan, _ = plan_for(spec, request, args.fit_memory, quality=args.fit_quality,
+                                          tiny_vae=args.tiny_vae)
+        print(f"fit to {args.fit_memory}: {plan.preset} (expected {plan.expected_s:.1f} s, {plan.peak_mb:.0f} MB peak"
+              + "".join(f"; {c.part} costs {c.psnr_db:.1f} dB" for c in plan.lossy_parts if c.psnr_db) + ")")
     from .run.infotext import parameters_text, run_metadata, save_png
     from .run.sampler import run
     out = Path(args.out)
@@ -293,9 +318,14 @@ def cmd_bench(args) -> int:
                              presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
                              checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
                              seed=args.seed, cfg=args.cfg, scheduler=args.scheduler, refiner=args.refiner,
-                             optimum=args.optimum, optimum_python=args.optimum_python)
+                             optimum=args.optimum, optimum_python=args.optimum_python,
+                             reference_file=args.reference, save_reference_file=args.save_reference)
     for name in settings.presets:  # fail on a typo before loading anything
         resolve_preset(name)
+    if args.reference and not Path(args.reference).is_file():
+        raise ConfigError("--reference", f"{args.reference} does not exist", "run the baseline with "
+                          "--save-reference FILE first")
+    _check_output_file(args.save_reference, "--save-reference")
     if args.optimum_python and not args.optimum:
         raise ConfigError("--optimum-python", "only applies with --optimum", "add --optimum or drop it")
     if args.optimum_python and not (Path(args.optimum_python).is_file() and os.access(args.optimum_python, os.X_OK)):

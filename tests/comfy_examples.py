@@ -45,9 +45,17 @@ SD15 = Model("v1-5-pruned-emaonly.safetensors", "sd15", 512, 7.0, "any SD 1.x ch
 SDXL = Model("sd_xl_base_1.0.safetensors", "sdxl-base", 1024, 5.0, "an SDXL base checkpoint",
              tiny_vae="taesdxl_decoder.pth", fp16_fix_vae="sdxl_vae_fp16_fix.safetensors")
 SDXL_REFINER = Model("sd_xl_refiner_1.0.safetensors", "sdxl-refiner", 1024, 5.0, "the SDXL refiner")
+SDXL_LIGHTNING = Model("sdxl_lightning_4step.safetensors", "sdxl-base", 1024, 1.0, "an SDXL-Lightning or Hyper-SD "
+                       "4-step checkpoint (ByteDance/SDXL-Lightning sdxl_lightning_4step.safetensors)")
 TAIYI = Model("diffusers/Taiyi-Stable-Diffusion-1B-Chinese-v0.1", "taiyi", 512, 7.0,
               "Taiyi-Stable-Diffusion-1B-Chinese-v0.1 (a diffusers folder in models/diffusers, or a single file)")
-MODELS = {m.ckpt_name: m for m in (SD15, SDXL, SDXL_REFINER, TAIYI)}
+MODELS = {m.ckpt_name: m for m in (SD15, SDXL, SDXL_REFINER, TAIYI, SDXL_LIGHTNING)}
+_PRESET_MODELS = {"lightning": SDXL_LIGHTNING}
+_LORA_HINT = {"lcm-lora-sdv1-5.safetensors": "the LCM-LoRA for SD 1.5 (latent-consistency/lcm-lora-sdv1-5, saved as "
+              "lcm-lora-sdv1-5.safetensors) in models/loras",
+              "tcd-sd15-lora.safetensors": "the TCD-LoRA for SD 1.5 (h1t/TCD-SD15, saved as tcd-sd15-lora.safetensors) "
+              "in models/loras"}
+SAMPLER_REQUEST = ("scheduler", "steps", "cfg")  # request fields a preset sets that the sampler node holds
 
 _SDXL_PRESETS = {"vae-fp16-fix", "refiner-ensemble"}  # presets that only make sense on SDXL
 _VAE_FILE_HINT = {"taesd_decoder.pth": "taesd_decoder.pth (+ taesd_encoder.pth) from github.com/madebyollin/taesd "
@@ -75,6 +83,7 @@ class Plan:
     prompt: str = PROMPT
     negative: str = NEGATIVE
     reproduces: str = ""
+    lora: str = ""  # a LoRA file (models/loras) the workflow merges at strength 1 before sampling
 
 
 def _for_users(description: str) -> str:
@@ -93,10 +102,11 @@ def plans() -> list[Plan]:
         if name == "baseline":
             continue
         steps = BASELINE_STEPS if preset.steps_scale is None else max(1, round(BASELINE_STEPS * preset.steps_scale))
-        model = SDXL if name in _SDXL_PRESETS else SD15
+        steps = preset.request.get("steps", steps)
+        model = _PRESET_MODELS.get(name, SDXL if name in _SDXL_PRESETS else SD15)
         out.append(Plan(name, name, _for_users(preset.description), model, tuple(preset.optimizations),
                         dict(preset.request), steps, ensemble=preset.runner == "ensemble",
-                        reproduces=f"bench --preset {name}"))
+                        reproduces=f"bench --preset {name}", lora=preset.lora))
     used = {kind for plan in out for kind, _ in plan.optimizations}
     for kind, unit in all_units().items():
         if kind not in used and kind != "precision":
@@ -233,6 +243,13 @@ def build(plan: Plan) -> dict:
         graph.link(pipe, 0, ensemble, 0)
         graph.link(refiner, 0, ensemble, 1)
         pipe = ensemble
+    if plan.lora:
+        cls = mappings["SDAccelLora"]
+        x += 380
+        lora = graph.add("SDAccelLora", widget_values(cls, {"lora_name": plan.lora, "strength": 1.0}), pos=(x, y),
+                         size=(340, 130), inputs=_links_in(cls), outputs=_outputs(cls))
+        graph.link(pipe, 0, lora, 0)
+        pipe = lora
     order = list(all_units())
     vae_files = []
     for kind, fields in sorted(plan.optimizations, key=lambda kv: order.index(kv[0])):
@@ -246,17 +263,19 @@ def build(plan: Plan) -> dict:
                            outputs=_outputs(cls))
         graph.link(pipe, 0, toggle, 0)
         pipe = toggle
-    if plan.request:
+    cutoff_values = {k: v for k, v in plan.request.items() if k not in SAMPLER_REQUEST}
+    if cutoff_values:
         cls = mappings["SDAccelCFGCutoff"]
         x += 380
-        cutoff = graph.add("SDAccelCFGCutoff", widget_values(cls, plan.request), pos=(x, y), size=(340, 110),
+        cutoff = graph.add("SDAccelCFGCutoff", widget_values(cls, cutoff_values), pos=(x, y), size=(340, 110),
                            inputs=_links_in(cls), outputs=_outputs(cls))
         graph.link(pipe, 0, cutoff, 0)
         pipe = cutoff
     cls = mappings["SDAccelSampler"]
     x += 380
     sampler_values = {"prompt": plan.prompt, "negative_prompt": plan.negative, "width": plan.model.size,
-                      "height": plan.model.size, "steps": plan.steps, "cfg": plan.model.cfg, "seed": SEED}
+                      "height": plan.model.size, "steps": plan.steps, "cfg": plan.model.cfg, "seed": SEED,
+                      **{k: v for k, v in plan.request.items() if k in SAMPLER_REQUEST}}
     sampler = graph.add("SDAccelSampler", widget_values(cls, sampler_values), pos=(x, y), size=(400, 440),
                         inputs=_links_in(cls), outputs=_outputs(cls))
     graph.link(pipe, 0, sampler, 0)
@@ -407,11 +426,12 @@ def note_text(plan: Plan, vae_files: list[str]) -> str:
         pick = f"{plan.model.hint} in the base loader and {SDXL_REFINER.hint} in the refiner loader"
     else:
         pick = f"{plan.model.hint} in the loader"
+    cfg = plan.request.get("cfg", plan.model.cfg)
+    needs = [_VAE_FILE_HINT[f] for f in vae_files] + ([_LORA_HINT[plan.lora]] if plan.lora else [])
     lines = [f"SDAccel: {plan.title}", "", plan.description.rstrip(".") + ".", "",
              f"Reproduces `python -m sdaccel {plan.reproduces}` as a graph ({plan.steps} steps, "
-             f"{plan.model.size}x{plan.model.size}, CFG {plan.model.cfg}).",
-             f"To run: pick {pick}" + (f"; needs {', '.join(_VAE_FILE_HINT[f] for f in vae_files)}" if vae_files
-                                       else "") + ".",
+             f"{plan.model.size}x{plan.model.size}, CFG {cfg}).",
+             f"To run: pick {pick}" + (f"; needs {', '.join(needs)}" if needs else "") + ".",
              "After a run the sampler shows time, it/s, peak memory and the active toggles; compare them with the "
              "baseline workflow. " + _FALLBACK_NOTE]
     return "\n".join(lines)

@@ -78,3 +78,27 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory):
+    """The planner's profile of the tiny SD 1.5 model (64 px, 2 steps), measured once a session the way users'
+    are (one process per candidate): {"folder", "plan", "report", "said"}. Tests copy the folder before use."""
+    from sdaccel.optim.plan.planner import make_plan
+
+    folder = tmp_path_factory.mktemp("plans")
+    said: list = []
+    plan, report = make_plan("1000GB", family="sd15", size=64, steps=2, model="synthetic-tiny:sd15", folder=folder,
+                             repeats=1, warmup=1, say=said.append)
+    return {"folder": folder, "plan": plan, "report": report, "said": said}
+
+
+@pytest.fixture
+def plan_dir(tiny_plan, tmp_path, monkeypatch):
+    """$SDACCEL_PLAN_DIR: a copy of the session's tiny profile folder, so front-ends find it measured."""
+    import shutil
+
+    folder = tmp_path / "plans"
+    shutil.copytree(tiny_plan["folder"], folder)
+    monkeypatch.setenv("SDACCEL_PLAN_DIR", str(folder))
+    return folder

@@ -30,14 +30,28 @@ def generate(page, *, width=64, height=64, steps=2, seed=7, prompt="a red fox in
     if channels_last:
         page.locator("#sdaccel_opt_channels_last").get_by_text("Channels-last", exact=True).first.click()  # open it
         page.locator("#sdaccel_use_channels_last input").check()
+    before = page.locator("#sdaccel_stats textarea").input_value()  # an earlier run's, if any: wait for new ones
     page.click("#sdaccel_generate")
-    page.wait_for_function("() => (document.querySelector('#sdaccel_stats textarea')?.value || '').includes('it/s')",
-                           timeout=TIMEOUT_MS)
+    page.wait_for_function("(before) => { const v = document.querySelector('#sdaccel_stats textarea')?.value || '';"
+                           " return v.includes('it/s') && v !== before; }", arg=before, timeout=TIMEOUT_MS)
     stats = page.locator("#sdaccel_stats textarea").input_value()
     image = page.locator("#sdaccel_gallery img").first
     image.wait_for(state="visible", timeout=TIMEOUT_MS)
     size = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", image.element_handle())
     return stats, size
+
+
+def add_lora(page, name: str, strength: float) -> str:
+    """Pick a LoRA in the LoRAs accordion, set its strength, click Add to prompt: the prompt it leaves."""
+    page.locator("#sdaccel_loras").get_by_text("LoRAs", exact=True).first.click()  # open the accordion
+    box = page.locator("#sdaccel_lora_name input").first
+    box.click()
+    page.get_by_role("option", name=name, exact=True).first.click()
+    set_number(page, "sdaccel_lora_strength", strength)
+    page.click("#sdaccel_add_lora")
+    page.wait_for_function(f"() => (document.querySelector('#sdaccel_prompt textarea')?.value || '')"
+                           f".includes('<lora:{name}:')", timeout=TIMEOUT_MS)
+    return page.locator("#sdaccel_prompt textarea").input_value()
 
 
 def interrupt_long_generation(page, steps=200, size=256) -> str:

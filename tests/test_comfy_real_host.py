@@ -36,7 +36,9 @@ def _write_lora(models: Path) -> None:
     from sdaccel.optim.testing.lora import random_lora
     from sdaccel.optim.testing.random_weights import build_pipeline
 
-    random_lora(build_pipeline(examples.SD15.family, tiny=True), models / "loras" / LORA)
+    pipe = build_pipeline(examples.SD15.family, tiny=True)
+    for name in [LORA] + sorted({plan.lora for plan in examples.plans() if plan.lora}):  # + the few-step LoRAs
+        random_lora(pipe, models / "loras" / name)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +101,7 @@ def test_pack_loads_and_serves_its_nodes_extension_and_templates(comfy, object_i
 def _expected(name: str, reported_spec: dict):
     """(spec, request) `bench --preset NAME` runs on the model the workflow loaded (its path as ComfyUI found it)."""
     from sdaccel.optim.bench.presets import PRESETS
+    from sdaccel.optim.spec.lora import LoraRef
     from sdaccel.optim.spec.optimization import config_class
     from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 
@@ -120,12 +123,17 @@ def _expected(name: str, reported_spec: dict):
     winograd = spec.optimization("winograd")
     if winograd is not None:
         spec = spec.with_optimization(winograd.with_(**SHRINK["SDAccelWinograd"]))
+    if plan.lora:  # the LoRA file the workflow names, as ComfyUI found it in models/loras
+        found = base.loras[0].path
+        assert Path(found).name == plan.lora, (found, plan.lora)
+        spec = spec.with_(loras=(LoraRef(found, 1.0),))
     return spec, request
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_example_workflow_runs_and_reproduces_its_bench_preset(comfy, frontend, path):
     from sdaccel.nodes.sampler import SDAccelSampler
+    from sdaccel.optim.bench.presets import PRESETS
     from sdaccel.optim.spec.ensemble import EnsembleSpec
     from sdaccel.optim.spec.pipeline import PipelineSpec
 
@@ -158,6 +166,9 @@ def test_example_workflow_runs_and_reproduces_its_bench_preset(comfy, frontend, 
     ran_request = {k: v for k, v in stats["request"].items() if k not in sampler_fields | {"img2img"}}
     assert ran_request == {k: v for k, v in request.to_dict().items() if k not in sampler_fields}
     assert shipped[sampler]["inputs"]["steps"] == request.steps
+    for name in ("scheduler", "cfg"):  # a few-step preset's scheduler and guidance live in the sampler
+        if name in getattr(PRESETS.get(path.stem), "request", {}):
+            assert shipped[sampler]["inputs"][name] == getattr(request, name) == stats["request"][name]
     assert stats["request"]["width"] == TEST_SIZE and stats["request"]["steps"] == TEST_STEPS
     comfy.timings[path.stem] = {"wall_s": round(seconds, 2), "run_s": stats["total_s"], "toggles": stats["toggles"],
                                 "notes": stats["notes"]}

@@ -215,3 +215,18 @@ def test_a1111_prompt_tag_with_a_bad_strength_and_finding_files(tmp_path):
     assert find_lora("ink", [tmp_path]) == tmp_path / "sub" / "ink.safetensors"
     assert find_lora("ink.safetensors", [tmp_path / "missing", tmp_path]) == tmp_path / "sub" / "ink.safetensors"
     assert find_lora("paper", [tmp_path]) is None
+
+
+def test_the_web_ui_picker_lists_the_folder_and_writes_the_tag(tmp_path):
+    from sdaccel.optim.lora.prompt import list_loras, split_lora_tags, with_lora_tag
+
+    (tmp_path / "sub").mkdir()
+    for name in ("sub/ink.safetensors", "Paper.safetensors", "notes.txt", "ink.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert list_loras([tmp_path, tmp_path / "missing"]) == ["ink", "Paper"]
+    prompt = with_lora_tag("a fox", "ink", 0.7)
+    assert prompt == "a fox <lora:ink:0.7>" and split_lora_tags(prompt) == ("a fox", [("ink", 0.7)])
+    assert with_lora_tag(prompt, "ink", 1.0) == "a fox <lora:ink:1>"  # the same LoRA again: its strength changes
+    assert with_lora_tag("", "Paper", -0.5) == "<lora:Paper:-0.5>"
+    with pytest.raises(ConfigError, match="LoRA: none picked"):
+        with_lora_tag("a fox", "", 1.0)

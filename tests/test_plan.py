@@ -30,7 +30,8 @@ REPORT = {"settings": {"family": "sd15", "size": 512, "steps": 20, "batch_size":
               row("sdpa+winograd", 6.0, 3950, 108.0, 1.0), row("sdpa+winograd+staged", 6.5, 3000, 108.0, 1.0),
               row("sub-quadratic-attention+winograd+group-offload+vae-tiling", 12.0, 1500, 107.0, 1.0),
               row("sdpa+winograd+deepcache", 4.0, 3950, 33.0, 0.97),
-              row("sdpa+winograd+tiny-vae", 5.5, 3800, 30.0, 0.95),
+              {**row("sdpa+winograd+tiny-vae", 5.5, 3800, 30.0, 0.95),
+               "notes": ["vae: SYNTHETIC random-weight Tiny VAE (TAESD architecture) (benchmark only)"]},
               row("sdpa+winograd+deepcache+tiny-vae", 3.5, 3800, 28.0, 0.93),
               {"preset": "sdpa+bf16", "skipped": "no native bf16"}]}
 
@@ -53,6 +54,8 @@ def test_the_fastest_row_that_fits_with_the_cost_of_each_lossy_part():
     assert costs == {"deepcache": (33.0, "sdpa+winograd+deepcache"), "tiny-vae": (30.0, "sdpa+winograd+tiny-vae")}
     text = format_plan(plan, REPORT)
     assert "choice: sdpa+winograd+deepcache+tiny-vae" in text and "deepcache: 33.0 dB" in text
+    assert "random-weight stand-in" in text.split("tiny-vae: 30.0 dB")[1].splitlines()[0]  # said where it holds
+    assert "random-weight" not in text.split("deepcache: 33.0 dB")[1].splitlines()[0]
     assert "skipped: no native bf16" in text
 
 
@@ -80,14 +83,10 @@ def test_a_budget_below_every_row_says_what_would_fit():
         choose(REPORT, 1024, headroom=0.7)
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """A profile measured on the tiny SD 1.5 model (64 px, 2 steps), kept in a folder of its own."""
-    folder = tmp_path_factory.mktemp("plans")
-    said: list = []
-    plan, report = make_plan("1000GB", family="sd15", size=64, steps=2, model="synthetic-tiny:sd15", folder=folder,
-                             repeats=1, warmup=1, say=said.append)
-    return folder, plan, report, said
+@pytest.fixture
+def measured(tiny_plan):
+    """The profile measured on the tiny SD 1.5 model (64 px, 2 steps; conftest's `tiny_plan`)."""
+    return tiny_plan["folder"], tiny_plan["plan"], tiny_plan["report"], tiny_plan["said"]
 
 
 def test_the_measured_profile_holds_every_candidate_and_is_kept(measured):
@@ -98,6 +97,9 @@ def test_the_measured_profile_holds_every_candidate_and_is_kept(measured):
     assert {"baseline", "sdpa+winograd", "sdpa+winograd+staged"} <= {r["preset"] for r in timed}
     assert all(r.get("skipped") for r in report["rows"] if "median_s" not in r)  # skipped with a reason
     assert any("measuring this machine" in line for line in said)
+    count = len(key.candidates)
+    assert sum(line.startswith("[plan] ") and f"/{count} " in line for line in said) == count  # a process each
+    assert report["plan"]["isolation"] == "one process per candidate"
     assert plan.row["median_s"] == min(r["median_s"] for r in timed)  # no budget pressure: the fastest
     assert profile_mod.profile_path(key, folder).is_file()
     again: list = []
@@ -176,6 +178,7 @@ def test_the_cli_plans_from_a_bench_report_and_refuses_bad_input(tmp_path, capsy
     out = tmp_path / "plan.json"
     assert main(["plan", "--budget", "3.5GB", "--profile", str(source), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "measured elsewhere or long ago (cpu was 'test CPU'" in printed  # REPORT names another CPU
     assert "choice: sdpa+winograd+staged" in printed and "--preset sdpa+winograd+staged" in printed
     assert json.loads(out.read_text())["plan"]["preset"] == "sdpa+winograd+staged"
     assert main(["plan", "--budget", "6XB", "--profile", str(source)]) == 2
@@ -184,3 +187,41 @@ def test_the_cli_plans_from_a_bench_report_and_refuses_bad_input(tmp_path, capsy
     assert "at least 1.6GB" in capsys.readouterr().err
     assert main(["plan", "--budget", "6GB", "--profile", str(tmp_path / "none.json")]) == 2
     assert "none.json does not exist" in capsys.readouterr().err
+
+
+def test_generate_fits_to_memory_and_refuses_a_bad_budget(tmp_path, capsys, plan_dir):
+    out = tmp_path / "out"
+    args = ["generate", "--checkpoint", "synthetic-tiny:sd15", "--prompt", "a fox", "--width", "64", "--height", "64",
+            "--steps", "2", "--out", str(out)]
+    assert main(args + ["--fit-memory", "1000GB", "--fit-quality", "lossless"]) == 0
+    printed = capsys.readouterr().out
+    chosen = printed.split("fit to 1000GB: ")[1].split(" (expected")[0]
+    from sdaccel.optim.bench.presets import resolve_preset
+
+    last = printed.strip().splitlines()[-1]  # the run's statistics line: what ran
+    for cfg in resolve_preset(chosen).configs():
+        assert cfg.kind in last, (cfg.kind, last)
+    assert len(list(out.glob("*.png"))) == 1
+    assert main(args + ["--fit-memory", "6XB"]) == 2
+    assert "--fit-memory" in capsys.readouterr().err
+    assert main(args + ["--tiny-vae", "taesd.pth"]) == 2
+    assert "only apply with --fit-memory" in capsys.readouterr().err
+    assert len(list(out.glob("*.png"))) == 1  # the refused runs wrote nothing
+
+
+def test_bench_processes_share_the_baseline_images_for_their_fidelity(tmp_path, capsys):
+    """What the planner's one-process-per-candidate measurement rests on: --save-reference, then --reference."""
+    common = ["bench", "--checkpoint", "synthetic-tiny:sd15", "--family", "sd15", "--size", "64", "--steps", "2",
+              "--repeats", "1", "--warmup", "0"]
+    images = tmp_path / "baseline.safetensors"
+    assert main(common + ["--preset", "baseline", "--save-reference", str(images)]) == 0 and images.is_file()
+    out = tmp_path / "tome.json"
+    assert main(common + ["--preset", "tome", "--reference", str(images), "--json", str(out)]) == 0
+    assert "[ref ]" not in capsys.readouterr().out  # the baseline was not rendered again
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["preset"] == "tome" and 0 < row["psnr_db"] < 60
+    assert main(common + ["--preset", "tome", "--reference", str(tmp_path / "none.safetensors")]) == 2
+    assert "--reference" in capsys.readouterr().err
+    out.write_text("not images")
+    assert main(common + ["--preset", "tome", "--reference", str(out)]) == 2
+    assert "holds no reference images" in capsys.readouterr().err

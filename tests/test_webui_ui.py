@@ -25,11 +25,15 @@ TIMEOUT_MS = sdaccel_page.TIMEOUT_MS
 def server(tmp_path_factory, checkpoints):
     from sdaccel.optim.testing.random_weights import write_checkpoint
 
+    from sdaccel.optim.testing.lora import random_lora
+
     folder = tmp_path_factory.mktemp("webui-ui-models")
     write_checkpoint("sd15", folder / "fox.safetensors", tiny=True, dtype="float32",
                      pipe=checkpoints.pipeline("sd15"))
+    loras = tmp_path_factory.mktemp("webui-ui-loras")
+    random_lora(checkpoints.pipeline("sd15"), loras / "ink.safetensors")
     log = folder.parent / "webui-ui-server.log"
-    server = ServerProcess(models=[folder], ui=True, queue_size=4, log_path=log)
+    server = ServerProcess(models=[folder], ui=True, queue_size=4, log_path=log, loras=[loras])
     try:
         server.wait_ready()
         yield server
@@ -55,6 +59,15 @@ def test_generate_shows_the_image_and_the_run_statistics(page, server):
     assert size == [64, 64], size
     assert sdaccel_page.status(page).startswith("done in"), sdaccel_page.status(page)
     sdaccel_page.keep_screenshot(page, "webui-standalone.png")
+    assert not page.errors, page.errors
+
+
+def test_the_lora_picker_puts_the_tag_into_the_prompt_and_the_lora_is_merged(page, server):
+    page.locator("#sdaccel_prompt textarea").fill("a red fox")
+    prompt = sdaccel_page.add_lora(page, "ink", 0.7)
+    assert prompt == "a red fox <lora:ink:0.7>", prompt
+    stats, _ = sdaccel_page.generate(page, prompt=prompt, channels_last=False)
+    assert "note: LoRA ink.safetensors x0.7:" in stats, stats
     assert not page.errors, page.errors
 
 

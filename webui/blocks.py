@@ -41,6 +41,7 @@ def build_blocks(session, *, title: str = "SDAccel"):
     import gradio as gr
 
     from ..optim.bench.presets import preset_names
+    from ..optim.lora.prompt import list_loras, with_lora_tag
     from ..optim.plan.planner import QUALITY
     from ..optim.spec.ensemble import EnsembleSpec
     from ..optim.spec.model_ref import ModelRef
@@ -66,8 +67,19 @@ def build_blocks(session, *, title: str = "SDAccel"):
             with gr.Tab("Generate", elem_id="sdaccel_generate_tab"):
                 with gr.Row():
                     with gr.Column():
+                        controls = {}
                         for info in request_fields():
-                            add(("request", info.name), control(gr, info, elem_id=f"sdaccel_{info.name}"))
+                            controls[info.name] = add(("request", info.name),
+                                                      control(gr, info, elem_id=f"sdaccel_{info.name}"))
+                        with gr.Accordion("LoRAs", open=False, elem_id="sdaccel_loras"):
+                            with gr.Row():
+                                lora_name = gr.Dropdown(choices=list_loras(session.lora_folders), value=None,
+                                                        label="LoRA", elem_id="sdaccel_lora_name",
+                                                        info="Files in the LoRA folder (--loras); Refresh list "
+                                                             "re-reads it")
+                                lora_strength = gr.Slider(minimum=-2.0, maximum=2.0, step=0.05, value=1.0,
+                                                          label="LoRA strength", elem_id="sdaccel_lora_strength")
+                            add_lora = gr.Button("Add to prompt", elem_id="sdaccel_add_lora")
                         add(("init", "image"), gr.Image(type="pil", label="img2img source (empty: txt2img)",
                                                         elem_id="sdaccel_init_image"))
                         with gr.Accordion("Optimizations", open=True):
@@ -129,7 +141,14 @@ def build_blocks(session, *, title: str = "SDAccel"):
 
         def on_refresh():
             titles = _titles(session)
-            return gr.update(choices=titles), gr.update(choices=[NO_REFINER] + titles)
+            return (gr.update(choices=titles), gr.update(choices=[NO_REFINER] + titles),
+                    gr.update(choices=list_loras(session.lora_folders)))
+
+        def on_add_lora(prompt, name, strength):
+            try:
+                return with_lora_tag(prompt, name, strength), ""
+            except SDAccelError as exc:
+                return gr.update(), f"**Error:** {exc}"
 
         def on_generate(*values):
             form = dict(zip(keys, values))
@@ -190,7 +209,9 @@ def build_blocks(session, *, title: str = "SDAccel"):
                 return
             yield f"```\n{format_table(report)}\n```", chart, f"done: {len(report['rows'])} rows"
 
-        refresh.click(fn=on_refresh, inputs=None, outputs=[checkpoint, refiner])
+        refresh.click(fn=on_refresh, inputs=None, outputs=[checkpoint, refiner, lora_name])
+        add_lora.click(fn=on_add_lora, inputs=[controls["prompt"], lora_name, lora_strength],
+                       outputs=[controls["prompt"], status])
         generate.click(fn=on_generate, inputs=inputs, outputs=[gallery, stats, status])
         interrupt.click(fn=on_interrupt, inputs=None, outputs=[status])
         run_bench.click(fn=on_bench, inputs=[presets, bench_size, bench_steps, bench_repeats, bench_warmup,

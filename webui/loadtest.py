@@ -43,12 +43,13 @@ class ServerProcess:
     """`python -m sdaccel webui --api-only` in a child process on 127.0.0.1."""
 
     def __init__(self, *, checkpoint: str | None = None, queue_size: int = 8, models=(), ui: bool = False,
-                 log_path=None):
+                 log_path=None, loras=()):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         args = [sys.executable, "-m", "sdaccel", "webui", "--port", str(self.port), "--queue-size", str(queue_size)]
         args += ["--checkpoint", checkpoint] if checkpoint else []
         args += [a for m in models for a in ("--models", str(m))]
+        args += [a for folder in loras for a in ("--loras", str(folder))]
         if not ui:
             args.append("--api-only")
         self.log_path = Path(log_path) if log_path else Path(os.devnull)

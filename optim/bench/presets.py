@@ -22,6 +22,7 @@ class Preset:
     steps_scale: float | None = None  # "30 steps where the baseline runs 50": steps = round(scale * --steps)
     runner: str = "run"  # "run", or "ensemble" (SDXL base + refiner)
     needs: str = ""  # a family requirement checked before running ("sdxl")
+    lora: str = ""  # the LoRA file real use needs (LCM-LoRA, TCD-LoRA); the bench's random weights need none
 
     def configs(self) -> list:
         return [config_class(kind)(**fields) for kind, fields in self.optimizations]
@@ -98,6 +99,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("steps-20", "20 steps where the baseline runs 50 (40% of --steps)", steps_scale=0.4),
     Preset("cfg-cutoff-50", "Guidance stops after 50% of the steps", request={"cfg_cutoff": 0.5}),
     Preset("cfg-cutoff-75", "Guidance stops after 75% of the steps", request={"cfg_cutoff": 0.75}),
+    Preset("lcm", "LCM scheduler, 4 steps, CFG 1.5: for an LCM-LoRA (lcm-lora-sdv1-5 / lcm-lora-sdxl, merged at "
+           "strength 1) or an LCM-distilled checkpoint; the steps are fixed, not a share of --steps",
+           request={"scheduler": "lcm", "steps": 4, "cfg": 1.5}, lora="lcm-lora-sdv1-5.safetensors"),
+    Preset("tcd", "TCD scheduler (gamma 0.3), 4 steps, no CFG: for a TCD-LoRA (TCD-SD15 / TCD-SDXL) merged at "
+           "strength 1; the steps are fixed", request={"scheduler": "tcd", "steps": 4, "cfg": 1.0},
+           lora="tcd-sd15-lora.safetensors"),
+    Preset("lightning", "Euler on trailing timesteps, 4 steps, no CFG: the setup SDXL-Lightning and Hyper-SD "
+           "4-step checkpoints (or their LoRAs) are distilled for; the steps are fixed",
+           request={"scheduler": "euler_trailing", "steps": 4, "cfg": 1.0}),
     Preset("refiner-ensemble", "SDXL base denoises 90% of the schedule, the refiner the rest (same toggles)",
            runner="ensemble", needs="sdxl"),
     Preset("fastest", "The seed study's fastest recipe: compiled UNet + Tiny VAE + CFG cutoff at 75% + 30 of 50 "

@@ -53,6 +53,8 @@ class BenchSettings:
     refiner: str | None = None  # refiner checkpoint for the ensemble preset (random weights when absent)
     optimum: bool = False  # add optimum-intel's OpenVINO pipeline on the same weights (optim/bench/peer_optimum.py)
     optimum_python: str | None = None  # the Python that has optimum-intel (default: this one)
+    reference_file: str | None = None  # fidelity against the baseline images another bench process saved
+    save_reference_file: str | None = None  # where the baseline row keeps its images for such processes
 
 
 def _row_for(preset_name: str, results: list, prepare_s: float, warmups: list) -> dict:
@@ -109,6 +111,25 @@ def _fidelity(row: dict, images, reference) -> None:
         row["identical_to_baseline"] = True
 
 
+def save_reference(images, path) -> None:
+    """The baseline images as a safetensors file (complete or absent): other processes' fidelity reference."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous()}, str(tmp))
+
+
+def load_reference(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["images"]
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise ConfigError("--reference", f"{path} holds no reference images ({exc})",
+                          "give the file a baseline bench run wrote with --save-reference") from exc
+
+
 def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
               say: Callable[[str], None] = print) -> dict:
     """Run every preset of `settings`; return {"machine", "settings", "rows"} (rows in given order).
@@ -136,7 +157,7 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
     refiner_model = ModelRef(path=settings.refiner) if settings.refiner else ModelRef.synthetic("sdxl-refiner")
     device = resolve_device(settings.device)
     rows: list[dict] = []
-    reference = None
+    reference = load_reference(settings.reference_file) if settings.reference_file else None
     roofline = None  # (model FLOPs, machine peaks), taken at the first timed row
     prepared_family = None
     for name in settings.presets:
@@ -179,6 +200,8 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
             row["roofline"] = roofline_columns(row, [r.stats for r in results], *roofline)
         if name == "baseline":
             reference = results[-1].images_tensor
+            if settings.save_reference_file:
+                save_reference(reference, settings.save_reference_file)
         else:
             _fidelity(row, results[-1].images_tensor, reference)
         rows.append(row)

@@ -40,3 +40,24 @@ def find_lora(name: str, folders) -> Path | None:
             if path.suffix.lower() in _SUFFIXES and name in (path.stem, path.name) and path.is_file():
                 return path
     return None
+
+
+def list_loras(folders) -> list[str]:
+    """The names `<lora:name>` finds under `folders` (file stems, sorted, each once), for a picker."""
+    names: set[str] = set()
+    for folder in folders:
+        root = Path(folder).expanduser()
+        if root.is_dir():
+            names.update(p.stem for p in root.rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file())
+    return sorted(names, key=str.lower)
+
+
+def with_lora_tag(prompt: str, name: str, strength: float) -> str:
+    """`prompt` with `<lora:name:strength>` for `name` (an existing tag for it replaced, else one appended)."""
+    if not name:
+        raise ConfigError("LoRA", "none picked", "pick a LoRA from the list (files in the LoRA folder)")
+    tag = f"<lora:{name}:{float(strength):g}>"
+    pattern = re.compile(r"<lora:" + re.escape(name) + r"(?::[^>]*)?>")
+    if pattern.search(prompt or ""):
+        return pattern.sub(lambda _: tag, prompt, count=1)
+    return f"{(prompt or '').rstrip()} {tag}".strip()

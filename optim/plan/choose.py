@@ -17,6 +17,7 @@ class PartCost:
     measured_in: str
     psnr_db: float | None
     ssim: float | None
+    random_vae: bool = False  # measured with a random-weight replacement VAE: no trained decoder's fidelity
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def part_cost(rows: list[dict], part: str) -> PartCost | None:
     if not holding:
         return None
     best = min(holding, key=lambda r: (len(parts_of(r["preset"])), -(r.get("psnr_db") or float("inf"))))
-    return PartCost(part, best["preset"], best.get("psnr_db"), best.get("ssim"))
+    random_vae = any("random-weight" in str(note) and "VAE" in str(note) for note in best.get("notes") or ())
+    return PartCost(part, best["preset"], best.get("psnr_db"), best.get("ssim"), random_vae)
 
 
 def choose(report: dict, budget_mb: float, *, lossless: bool = False, min_psnr_db: float | None = None,
@@ -108,7 +110,9 @@ def format_plan(plan: Plan, report: dict) -> str:
         for cost in plan.lossy_parts:
             ssim_text = "-" if cost.ssim is None else f"{cost.ssim:.3f}"
             psnr = "same image" if cost.psnr_db is None else f"{cost.psnr_db:.1f} dB"
-            lines.append(f"    {cost.part}: {psnr}, SSIM {ssim_text} (row {cost.measured_in})")
+            lines.append(f"    {cost.part}: {psnr}, SSIM {ssim_text} (row {cost.measured_in})" + (
+                "; a random-weight stand-in for the VAE file was measured, so this says nothing of the trained "
+                "decoder's fidelity (TAESD's authors report it close to the full VAE)" if cost.random_vae else ""))
         if row.get("psnr_db") is not None:
             lines.append(f"    together: {row['psnr_db']:.1f} dB, SSIM {row.get('ssim') or 0:.3f}")
     else:

@@ -9,7 +9,7 @@ from ..spec.errors import ConfigError
 from .budget import parse_budget
 from .candidates import candidate_presets, parts_of
 from .choose import Plan, choose
-from .profile import ProfileKey, load_profile, measure_profile, read_report
+from .profile import ProfileKey, load_profile, measure_profile, read_report, stale_reason
 
 
 def profile_key(family: str, size: int, steps: int, *, batch_size: int = 1, device: str = "auto",
@@ -58,6 +58,9 @@ def make_plan(budget, *, family: str = "sd15", size: int = 512, steps: int = 20,
     budget_mb = parse_budget(budget)
     if profile:
         report = read_report(Path(profile).expanduser())
+        reason = stale_reason(report, None)
+        if reason:
+            say(f"[plan] note: {profile} was measured elsewhere or long ago ({reason}); its figures may not hold here")
         if exclude:
             report = {**report, "rows": [r for r in report["rows"] if not set(exclude) & set(parts_of(r["preset"]))]}
     else:

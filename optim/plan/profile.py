@@ -13,6 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from ..spec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MEASUREMENT = 1  # raise when the way a profile is measured changes: stored ones are then re-measured
+MEASUREMENT = 2  # raise when the way a profile is measured changes: stored ones are then re-measured
 MAX_AGE_DAYS = 30
 
 
@@ -121,17 +124,68 @@ def load_profile(key: ProfileKey, folder: Path | None = None) -> tuple[dict | No
     return report, ""
 
 
-def measure_profile(key: ProfileKey, *, repeats: int = 2, warmup: int = 1, folder: Path | None = None,
-                    cache=None, say=print) -> dict:
-    """Bench every candidate (one model load; each row warmed up and repeated) and store the report atomically:
-    an interrupted measurement leaves the previous profile (or none), never a partial one."""
-    from ..bench.runner import BenchSettings, run_bench, write_json
+# The pack's CLI in a child process, wherever the pack lives (installed, or a ComfyUI/A1111 extension folder of any
+# name): its folder is mounted as the package `sdaccel` without running its ComfyUI entry file.
+_LAUNCH = ("import importlib, sys, types; package = types.ModuleType('sdaccel'); package.__path__ = [sys.argv[1]]; "
+           "sys.modules['sdaccel'] = package; sys.exit(importlib.import_module('sdaccel.optim.cli').main(sys.argv[2:]))")
+PACK_ROOT = Path(__file__).resolve().parents[2]
 
-    settings = BenchSettings(family=key.family, size=key.size, steps=key.steps, presets=list(key.candidates),
-                             repeats=repeats, warmup=warmup, device=key.device, batch_size=key.batch_size,
-                             checkpoint=key.model or None)
-    report = run_bench(settings, cache=cache, say=say)
-    report["plan"] = {"measurement": MEASUREMENT, "candidates": list(key.candidates), "measured_at": time.time()}
+
+def _bench_args(key: ProfileKey, preset: str, *, repeats: int, warmup: int, out: Path) -> list[str]:
+    args = [sys.executable, "-c", _LAUNCH, str(PACK_ROOT), "bench", "--preset", preset, "--family", key.family,
+            "--size", str(key.size), "--steps", str(key.steps), "--batch-size", str(key.batch_size),
+            "--repeats", str(repeats), "--warmup", str(warmup), "--device", key.device, "--json", str(out)]
+    return args + (["--checkpoint", key.model] if key.model else [])
+
+
+def _measure_one(args: list[str], timeout_s: float) -> tuple[dict | None, str]:
+    """(the one-row report, "") or (None, why the process failed), the process's own error line included."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"took over {timeout_s:.0f} s"
+    out = Path(args[args.index("--json") + 1])
+    if done.returncode != 0 or not out.is_file():
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+        return None, f"the bench process failed (exit {done.returncode}): {lines[-1] if lines else 'no message'}"
+    return json.loads(out.read_text(encoding="utf-8")), ""
+
+
+def measure_profile(key: ProfileKey, *, repeats: int = 2, warmup: int = 1, folder: Path | None = None,
+                    say=print, timeout_s: float = 3600.0) -> dict:
+    """Bench every candidate, each in a process of its own (a fresh heap: its memory peak is its own, not what
+    the candidates before it left), against the baseline images the first process keeps; store the report
+    atomically: an interrupted measurement leaves the previous profile (or none), never a partial one."""
+    from ..bench.runner import write_json
+
+    rows: list[dict] = []
+    first: dict | None = None
+    with tempfile.TemporaryDirectory(prefix="sdaccel-plan-") as scratch:
+        reference = Path(scratch) / "baseline.safetensors"
+        candidates = list(key.candidates)
+        if candidates[:1] != ["baseline"]:
+            raise ConfigError("candidates", "the first candidate must be baseline (the fidelity reference)")
+        for i, preset in enumerate(candidates, 1):
+            args = _bench_args(key, preset, repeats=repeats, warmup=warmup, out=Path(scratch) / f"{i}.json")
+            args += ["--save-reference", str(reference)] if i == 1 else ["--reference", str(reference)]
+            if i > 1 and not reference.is_file():
+                rows.append({"preset": preset, "skipped": "no baseline images to compare with"})
+                continue
+            report, why = _measure_one(args, timeout_s)
+            row = report["rows"][0] if report else {"preset": preset, "skipped": why}
+            first = first or report
+            rows.append(row)
+            said = (f"{row['median_s']:.2f} s, peak {row['peak_mem_mb']:.0f} MB" if "median_s" in row
+                    else f"skipped: {row['skipped']}")
+            say(f"[plan] {i}/{len(candidates)} {preset}: {said}")
+    if first is None:
+        raise ConfigError("profile", "no candidate could be measured", "run `python -m sdaccel bench` to see why")
+    timed = [r for r in rows if "median_s" in r]
+    for r in timed:
+        r["speedup"] = round(timed[0]["median_s"] / r["median_s"], 3) if r["median_s"] else None
+    report = {**first, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "plan": {"measurement": MEASUREMENT, "candidates": candidates, "measured_at": time.time(),
+                       "isolation": "one process per candidate"}}
     path = profile_path(key, folder)
     write_json(report, path)
     say(f"[plan] profile saved: {path}")
