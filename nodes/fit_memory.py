@@ -9,8 +9,9 @@ returns the plan as text: the choice, its expected time and memory, and the fide
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
+from ..optim.bench.presets import resolve_preset
+from ..optim.plan.choose import format_plan
 from ..optim.plan.planner import QUALITY, plan_for
 from ..optim.spec.pipeline import GenerationRequest
 from . import host
@@ -58,17 +59,13 @@ class SDAccelFitToMemory:
         base = pipe.specs()[0]
         tiny = host.resolve_model_file("vae", "path", tiny_vae.strip()) if tiny_vae.strip() else ""
         request = GenerationRequest(prompt="", width=width, height=height, steps=steps)
-        planned, planned_request, plan, report = plan_for(base, request, f"{budget_gb}GB", quality=quality,
-                                                          tiny_vae=tiny, measure=MEASURE.get(measure, measure),
-                                                          say=log.info)
+        planned, _, plan, report = plan_for(base, request, f"{budget_gb}GB", quality=quality, tiny_vae=tiny,
+                                            measure=MEASURE.get(measure, measure), say=log.info)
         new = pipe
         for cfg in planned.optimizations:
             if cfg not in base.optimizations:
                 new = new.with_optimization(cfg)
-        changed = {f.name: getattr(planned_request, f.name) for f in fields(GenerationRequest)
-                   if getattr(planned_request, f.name) != getattr(request, f.name)}
-        if changed:
-            new = new.with_run_settings(**changed)
-        from ..optim.plan.choose import format_plan
-
+        run_settings = resolve_preset(plan.preset).request  # the plan's per-run changes (the CFG cutoff)
+        if run_settings:
+            new = new.with_run_settings(**run_settings)
         return new, format_plan(plan, report)

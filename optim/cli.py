@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench.comfyui import VARIANTS as COMFY_VARIANTS
     from .bench.presets import preset_names
     from .models.families import FAMILIES
+    from .plan.planner import QUALITY
     from .spec.ensemble import EnsembleSpec
     from .spec.model_ref import ModelRef
     from .spec.pipeline import GenerationRequest
@@ -99,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="merge a LoRA (kohya/A1111 or diffusers format) at a strength (default 1; repeatable)")
     gen.add_argument("--fit-memory", default=None, metavar="BUDGET", help="add the planner's choice for this memory "
                      "budget (e.g. 6GB): the fastest combination measured on this machine that fits (see `plan`)")
-    gen.add_argument("--fit-quality", default="any", choices=("any", "at least 30 dB", "lossless"),
+    gen.add_argument("--fit-quality", default="any", choices=tuple(QUALITY),
                      help="with --fit-memory: which lossy parts the plan may use")
     gen.add_argument("--tiny-vae", default="", help="with --fit-memory: a TAESD decoder file, so the plan may decode "
                      "with the Tiny VAE (without one it plans without it)")

@@ -65,12 +65,12 @@ def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
         nonlocal spec, requests
         chosen = []
         if fit:
+            from ..optim.bench.presets import resolve_preset
             from ..optim.plan.planner import plan_for
 
-            planned, _, plan, _ = plan_for(spec, requests[0], fit["budget"], quality=fit.get("quality", "any"),
-                                           tiny_vae=fit.get("tiny_vae", ""), say=log.info)
-            requests = [plan_for_request(plan, spec, request, fit) for request in requests]
-            spec = planned
+            spec, _, plan, _ = plan_for(spec, requests[0], fit["budget"], quality=fit.get("quality", "any"),
+                                        tiny_vae=fit.get("tiny_vae", ""), say=log.info)
+            requests = [resolve_preset(plan.preset).apply_request(request) for request in requests]
             chosen.append(f"fit to {fit['budget']}: {plan.preset}, expected {plan.expected_s:.1f} s and "
                           f"{plan.peak_mb:.0f} MB peak" + "".join(f"; {c.part} {c.psnr_db or float('inf'):.1f} dB"
                                                                  for c in plan.lossy_parts))
@@ -83,13 +83,6 @@ def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
         return results
 
     return work
-
-
-def plan_for_request(plan, spec, request, fit: dict):
-    """One request with the plan's per-run changes (the CFG cutoff) applied."""
-    from ..optim.plan.planner import apply_plan
-
-    return apply_plan(plan, spec, request, tiny_vae=fit.get("tiny_vae") or None)[1]
 
 
 class GenerationService:

@@ -34,11 +34,15 @@ class Preset:
             if base is not None and cfg.kind == "precision":
                 cfg = base.with_(**cfg.changed())
             spec = spec.with_optimization(cfg)
+        return spec, self.apply_request(request)
+
+    def apply_request(self, request):
+        """`request` with this preset's per-run changes (request fields, the step scale)."""
         if self.request:
             request = request.with_(**self.request)
         if self.steps_scale is not None and request.steps:
             request = request.with_(steps=max(1, int(round(request.steps * self.steps_scale))))
-        return spec, request
+        return request
 
     def unavailable_reason(self, spec, device, family) -> str | None:
         """Why this preset cannot run on `device` (None if it can)."""

@@ -215,11 +215,7 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
             reference = run(base_spec, base_request, cache=cache, strict=True).images_tensor
         rows.extend(run_optimum_rows(prepared, _plan(base_request, prepared.family), settings, reference,
                                      python=settings.optimum_python, say=say))
-    timed = [r for r in rows if "median_s" in r]
-    if timed:
-        ref = timed[0]["median_s"]
-        for r in timed:
-            r["speedup"] = round(ref / r["median_s"], 3) if r["median_s"] else None
+    set_speedups(rows)
     if roofline and roofline[1]:
         machine = {**machine_summary(), "peaks": roofline[1], "model_flops": roofline[0]}
     else:
@@ -228,6 +224,13 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
             "settings": {**settings.__dict__, "family": prepared_family or settings.family},
             "model": model.to_dict(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+
+
+def set_speedups(rows: list[dict]) -> None:
+    """Each timed row's speedup against the first timed row (skipped rows have none)."""
+    timed = [r for r in rows if "median_s" in r]
+    for r in timed:
+        r["speedup"] = round(timed[0]["median_s"] / r["median_s"], 3) if r["median_s"] else None
 
 
 def format_table(report: dict) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..spec.errors import ConfigError
 from .candidates import LOSSLESS_PSNR_DB, declared_lossy, parts_of
@@ -28,9 +28,7 @@ class Plan:
     row: dict
     lossy_parts: tuple = ()
     fits: tuple = ()  # every row that fits (fastest first)
-    too_big: tuple = ()  # rows over the limit
     excluded: tuple = ()  # rows that fit but fall below the quality floor
-    notes: list = field(default_factory=list)
 
     @property
     def expected_s(self) -> float:
@@ -68,7 +66,6 @@ def choose(report: dict, budget_mb: float, *, lossless: bool = False, min_psnr_d
         raise ConfigError("profile", "no measured row", "measure again: every candidate was skipped")
     limit = budget_mb * (1.0 - headroom)
     fits = sorted((r for r in rows if r["peak_mem_mb"] <= limit), key=lambda r: r["median_s"])
-    too_big = tuple(r for r in rows if r["peak_mem_mb"] > limit)
 
     def good_enough(row: dict) -> bool:
         if lossless and not is_lossless(row):
@@ -91,7 +88,7 @@ def choose(report: dict, budget_mb: float, *, lossless: bool = False, min_psnr_d
     pick = allowed[0]
     lossy = tuple(cost for part in parts_of(pick["preset"]) if (cost := part_cost(rows, part)) is not None
                   and not is_lossless({"preset": part, "psnr_db": cost.psnr_db}))
-    return Plan(pick["preset"], budget_mb, limit, pick, lossy, tuple(fits), too_big, excluded)
+    return Plan(pick["preset"], budget_mb, limit, pick, lossy, tuple(fits), excluded)
 
 
 def format_plan(plan: Plan, report: dict) -> str:

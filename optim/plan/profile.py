@@ -54,15 +54,11 @@ def default_profile_dir() -> Path:
     return Path(explicit) if explicit else default_cache_dir() / "plans"
 
 
-def machine_id() -> str:
-    """The CPU model, torch version and thread count, hashed (the Winograd calibration's key)."""
+def profile_path(key: ProfileKey, folder: Path | None = None) -> Path:
+    """Per machine: the CPU model, torch version and thread count, hashed (the Winograd calibration's key)."""
     from ...cpukernels.calibrate import machine_key
 
-    return machine_key()
-
-
-def profile_path(key: ProfileKey, folder: Path | None = None) -> Path:
-    return Path(folder or default_profile_dir()) / key.file_name(machine_id())
+    return Path(folder or default_profile_dir()) / key.file_name(machine_key())
 
 
 def stale_reason(report: dict, key: ProfileKey | None, now: float | None = None) -> str | None:
@@ -138,13 +134,12 @@ def _bench_args(key: ProfileKey, preset: str, *, repeats: int, warmup: int, out:
     return args + (["--checkpoint", key.model] if key.model else [])
 
 
-def _measure_one(args: list[str], timeout_s: float) -> tuple[dict | None, str]:
-    """(the one-row report, "") or (None, why the process failed), the process's own error line included."""
+def _measure_one(args: list[str], out: Path, timeout_s: float) -> tuple[dict | None, str]:
+    """(the one-row report `out` holds, "") or (None, why the process failed), its own error line included."""
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return None, f"took over {timeout_s:.0f} s"
-    out = Path(args[args.index("--json") + 1])
     if done.returncode != 0 or not out.is_file():
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
         return None, f"the bench process failed (exit {done.returncode}): {lines[-1] if lines else 'no message'}"
@@ -156,7 +151,7 @@ def measure_profile(key: ProfileKey, *, repeats: int = 2, warmup: int = 1, folde
     """Bench every candidate, each in a process of its own (a fresh heap: its memory peak is its own, not what
     the candidates before it left), against the baseline images the first process keeps; store the report
     atomically: an interrupted measurement leaves the previous profile (or none), never a partial one."""
-    from ..bench.runner import write_json
+    from ..bench.runner import set_speedups, write_json
 
     rows: list[dict] = []
     first: dict | None = None
@@ -166,12 +161,13 @@ def measure_profile(key: ProfileKey, *, repeats: int = 2, warmup: int = 1, folde
         if candidates[:1] != ["baseline"]:
             raise ConfigError("candidates", "the first candidate must be baseline (the fidelity reference)")
         for i, preset in enumerate(candidates, 1):
-            args = _bench_args(key, preset, repeats=repeats, warmup=warmup, out=Path(scratch) / f"{i}.json")
+            out = Path(scratch) / f"{i}.json"
+            args = _bench_args(key, preset, repeats=repeats, warmup=warmup, out=out)
             args += ["--save-reference", str(reference)] if i == 1 else ["--reference", str(reference)]
             if i > 1 and not reference.is_file():
                 rows.append({"preset": preset, "skipped": "no baseline images to compare with"})
                 continue
-            report, why = _measure_one(args, timeout_s)
+            report, why = _measure_one(args, out, timeout_s)
             row = report["rows"][0] if report else {"preset": preset, "skipped": why}
             first = first or report
             rows.append(row)
@@ -180,9 +176,7 @@ def measure_profile(key: ProfileKey, *, repeats: int = 2, warmup: int = 1, folde
             say(f"[plan] {i}/{len(candidates)} {preset}: {said}")
     if first is None:
         raise ConfigError("profile", "no candidate could be measured", "run `python -m sdaccel bench` to see why")
-    timed = [r for r in rows if "median_s" in r]
-    for r in timed:
-        r["speedup"] = round(timed[0]["median_s"] / r["median_s"], 3) if r["median_s"] else None
+    set_speedups(rows)
     report = {**first, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "plan": {"measurement": MEASUREMENT, "candidates": candidates, "measured_at": time.time(),
                        "isolation": "one process per candidate"}}
