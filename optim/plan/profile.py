@@ -123,7 +123,8 @@ def load_profile(key: ProfileKey, folder: Path | None = None) -> tuple[dict | No
 # The pack's CLI in a child process, wherever the pack lives (installed, or a ComfyUI/A1111 extension folder of any
 # name): its folder is mounted as the package `sdaccel` without running its ComfyUI entry file.
 _LAUNCH = ("import importlib, sys, types; package = types.ModuleType('sdaccel'); package.__path__ = [sys.argv[1]]; "
-           "sys.modules['sdaccel'] = package; sys.exit(importlib.import_module('sdaccel.optim.cli').main(sys.argv[2:]))")
+           "sys.modules['sdaccel'] = package; "
+           "sys.exit(importlib.import_module('sdaccel.optim.cli').main(sys.argv[2:]))")
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
