@@ -12,7 +12,7 @@ from sdaccel.optim.run.sampler import run
 from sdaccel.optim.spec.errors import CheckpointError, ConfigError
 from sdaccel.optim.spec.lora import LoraRef
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
-from sdaccel.optim.testing.lora import random_lora
+from sdaccel.optim.testing.lora import kohya_unet_lora, random_lora, random_lycoris
 from sdaccel.optim.testing.random_weights import build_pipeline
 
 REQUEST = GenerationRequest(prompt="a lighthouse", negative_prompt="blurry", width=64, height=64, steps=2, seed=3)
@@ -45,7 +45,7 @@ def reference(family: str, files_and_strengths) -> dict:
 
 
 @pytest.mark.parametrize("family, fmt", [("sd15", "kohya"), ("sd15", "peft"), ("sdxl-base", "kohya"),
-                                         ("sdxl-base", "ldm")])
+                                         ("sdxl-base", "ldm"), ("sd2-base", "kohya"), ("sd21-v", "peft")])
 def test_merged_weights_equal_diffusers_own_loader(tmp_path, family, fmt):
     path = random_lora(build_pipeline(family, tiny=True, seed=0), tmp_path / f"{fmt}.safetensors", fmt=fmt,
                        alpha=None if fmt == "peft" else 2.0)
@@ -77,6 +77,92 @@ def test_original_layer_names_merge_like_diffusers_names(tmp_path):
         set_loras(pipe, (LoraRef(str(path), 0.9),), None)
         merged.append(weights(pipe))
     assert max_difference(*merged) == 0 and max_difference(merged[0], weights(base)) > 1e-3
+
+
+def test_taiyi_takes_a_unet_lora_and_names_what_does_not_fit(tmp_path):
+    """Taiyi's UNet is SD 1.x's, its text encoder a Chinese BERT: a UNet LoRA merges as diffusers merges it; one
+    that also adapts CLIP's text encoder is refused naming the layers it lacks, nothing merged."""
+    taiyi = build_pipeline("taiyi", tiny=True, seed=0)
+    unet_only = tmp_path / "unet-only.safetensors"
+    kohya_unet_lora(taiyi.unet, unet_only, seed=3)
+    loaded = weights(taiyi)
+    set_loras(taiyi, (LoraRef(str(unet_only), 0.9),), None)
+    merged = weights(taiyi)
+    assert max_difference(merged, reference("taiyi", [(unet_only, 0.9)])) < 2e-6
+    assert {k.split(".")[0] for k in merged if not torch.equal(merged[k], loaded[k])} == {"unet"}
+    with_clip = random_lora(build_pipeline("sd15", tiny=True, seed=0), tmp_path / "sd15.safetensors")
+    fresh = build_pipeline("taiyi", tiny=True, seed=0)
+    with pytest.raises(CheckpointError, match="does not fit this model") as error:
+        set_loras(fresh, (LoraRef(str(with_clip)),), None)
+    assert "sd15.safetensors" in str(error.value)
+    assert max_difference(weights(fresh), loaded) == 0
+
+
+def _expected_lycoris(weight, factors: dict, alpha, strength: float):
+    """The LyCORIS definitions written out longhand: LoHa's Hadamard product of two low-rank products, LoKr's
+    Kronecker product (block by block), Tucker cores contracted one factor at a time."""
+    f = {k: v.double() for k, v in factors.items()}
+
+    def tucker(t, a, b):  # (r, r, kh, kw), (r, out), (r, in) -> (out, in, kh, kw)
+        core = torch.tensordot(a, t, dims=([0], [0]))  # (out, r, kh, kw)
+        return torch.tensordot(core, b, dims=([1], [0])).permute(0, 3, 1, 2)
+
+    if "hada_w1_a" in f:
+        rank = f["hada_w1_b"].shape[0]
+        if "hada_t1" in f:
+            product = tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * \
+                tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+        else:
+            product = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    else:
+        rank = f["lokr_w2_b"].shape[0]
+        w1 = f["lokr_w1"]
+        w2 = tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]) if "lokr_t2" in f else \
+            (f["lokr_w2_a"] @ f["lokr_w2_b"]).reshape(f["lokr_w2_a"].shape[0], -1, *weight.shape[2:])
+        c, d = w2.shape[:2]
+        product = torch.zeros(w1.shape[0] * c, w1.shape[1] * d, *w2.shape[2:], dtype=torch.float64)
+        for i in range(w1.shape[0]):
+            for j in range(w1.shape[1]):
+                product[i * c:(i + 1) * c, j * d:(j + 1) * d] = w1[i, j] * w2
+    change = product.reshape(weight.shape) * (alpha / rank if alpha is not None else 1.0)
+    return weight.double() + strength * change
+
+
+@pytest.mark.parametrize("kind, tucker", [("loha", False), ("loha", True), ("lokr", False), ("lokr", True)])
+def test_lycoris_loha_and_lokr_merge_as_lycoris_defines_them(tmp_path, kind, tucker):
+    from safetensors import safe_open
+
+    base = build_pipeline("sd15", tiny=True, seed=0)
+    path = random_lycoris(base, tmp_path / f"{kind}.safetensors", kind=kind, tucker=tucker, seed=5)
+    loaded = weights(base)
+    state = set_loras(base, (LoraRef(str(path), 0.6),), None)
+    merged = weights(base)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        layers = {}
+        for key in keys:
+            layer, _, role = key.partition(".")
+            layers.setdefault(layer, {})[role] = f.get_tensor(key).float()
+    assert any(".hada_t1" in k or ".lokr_t2" in k for k in keys) == tucker
+    by_kohya = {("unet." if k.startswith("unet.") else "") + k: k for k in merged}
+    checked = 0
+    for name, module in [(f"unet.{n}", m) for n, m in base.unet.named_modules()] + \
+            [(f"text_encoder.{n}", m) for n, m in base.text_encoder.named_modules()]:
+        component, _, path_in = name.partition(".")
+        prefix = "lora_unet_" if component == "unet" else "lora_te_"
+        kohya = prefix + (path_in if component == "unet" else "text_model." + path_in).replace(".", "_")
+        if kohya not in layers:
+            continue
+        factors = {role: v for role, v in layers[kohya].items() if role != "alpha"}
+        alpha = float(layers[kohya]["alpha"]) if "alpha" in layers[kohya] else None
+        expected = _expected_lycoris(loaded[f"{name}.weight"], factors, alpha, 0.6)
+        assert float((merged[f"{name}.weight"].double() - expected).abs().max()) < 1e-5, name
+        checked += 1
+    assert checked == len(layers) and by_kohya
+    assert any(module.kernel_size == (3, 3) for module in base.unet.modules() if isinstance(module, torch.nn.Conv2d))
+    assert f"LyCORIS {'LoHa' if kind == 'loha' else 'LoKr'}" in state.lines[0]
+    set_loras(base, (), state)  # removed: the loaded weights, bit for bit
+    assert max_difference(weights(base), loaded) == 0
 
 
 def _keys(path) -> list:
@@ -175,11 +261,13 @@ def test_bad_lora_files_are_named_and_the_pipeline_keeps_working(checkpoints, ca
     spec = PipelineSpec(model=model)
     plain = run(spec, REQUEST, cache=cache).images[0]
     xl = random_lora(checkpoints.pipeline("sdxl-base"), tmp_path / "xl.safetensors")
+    oft = _write(tmp_path / "oft.safetensors", {"lora_unet_x.oft_blocks": torch.zeros(2, 2)})
     loha = _write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2),
                                                   "lora_unet_x.hada_w1_b": torch.zeros(2, 2)})
     half = _write(tmp_path / "half.safetensors", {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight":
                                                   torch.zeros(2, 4, 3, 3)})
-    cases = [(xl, "made for SDXL"), (loha, "LyCORIS LoHa file"), (half, "without both factors"),
+    cases = [(xl, "made for SDXL"), (oft, "LyCORIS OFT file"), (loha, "without all their factors"),
+             (half, "without all their factors"),
              (tmp_path / "missing.safetensors", "does not exist"), (model.path, "full model checkpoint, not a LoRA")]
     for path, message in cases:
         with pytest.raises(CheckpointError, match=message) as error:

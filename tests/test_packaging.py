@@ -95,3 +95,17 @@ def test_no_top_level_folder_of_the_checkout_shadows_an_installed_package():
     ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} | {p.stem for p in ROOT.glob("*.py")}
     clashes = {name: packages_distributions()[name] for name in ours if name in packages_distributions()}
     assert not clashes, f"top-level names of the checkout that installed distributions also provide: {clashes}"
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """`pip install .` copies only the packages pyproject names: a folder with an `__init__.py` left out is
+    missing from a wheel install (the editable install used in development finds it anyway)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+                 ["packages"])
+    skip = {"tests", "build", "tools", "example_workflows", "results", "js", "scripts"}
+    folders = {".".join(("sdaccel",) + p.parent.relative_to(ROOT).parts) for p in ROOT.rglob("__init__.py")
+               if not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
+                          for part in p.relative_to(ROOT).parts)}
+    assert folders - listed == set(), f"package folders pyproject.toml does not list: {sorted(folders - listed)}"
+    assert listed - folders == set(), f"listed packages with no folder: {sorted(listed - folders)}"

@@ -38,6 +38,16 @@ def test_steps_presets_scale_the_baseline_steps_and_presets_combine():
     combo_spec, combo_req = resolve_preset("channels-last+cfg-cutoff-75+steps-25").apply(spec, base)
     assert combo_spec.optimization("channels_last") is not None
     assert combo_req.cfg_cutoff == 0.75 and combo_req.steps == 25
+    few = resolve_preset("fastest+lcm").apply(spec, base)[1]  # a fixed-step preset keeps its steps in a combo
+    assert (few.steps, few.scheduler, few.cfg_cutoff) == (4, "lcm", 0.75)
+    assert resolve_preset("fastest").apply(spec, base)[1].steps == 30
+    swept = resolve_preset("tome:ratio=0.3+sdpa").apply(spec, base)[0]  # a sweep of one field
+    assert swept.optimization("tome").ratio == 0.3 and swept.optimization("attention").backend == "sdpa"
+    assert resolve_preset("tome:ratio=0.3").name == "tome:ratio=0.3"
+    with pytest.raises(ConfigError, match="'speed' is not a field.*ratio"):
+        resolve_preset("tome:speed=2")
+    with pytest.raises(ConfigError, match="ratio"):
+        resolve_preset("tome:ratio=lots")
     with pytest.raises(ConfigError, match="unknown preset 'warp-drive'"):
         resolve_preset("channels-last+warp-drive")
 

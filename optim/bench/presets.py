@@ -40,7 +40,8 @@ class Preset:
         """`request` with this preset's per-run changes (request fields, the step scale)."""
         if self.request:
             request = request.with_(**self.request)
-        if self.steps_scale is not None and request.steps:
+        if self.steps_scale is not None and request.steps and "steps" not in self.request:
+            # a preset that fixes the steps (lcm, tcd, lightning) keeps them when combined with a step share
             request = request.with_(steps=max(1, int(round(request.steps * self.steps_scale))))
         return request
 
@@ -152,18 +153,40 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
+def _with_fields(preset: Preset, text: str) -> Preset:
+    """`preset` with `field=value,...` set on its optimizations that have those fields (a sweep: `tome:ratio=0.3`)."""
+    from ..spec.fields import describe, parse_text
+
+    changes = [item.partition("=") for item in text.split(",") if item.strip()]
+    optimizations = [(kind, dict(fields)) for kind, fields in preset.optimizations]
+    for key, sep, raw in changes:
+        key = key.strip()
+        owners = [(kind, fields, info) for kind, fields in optimizations
+                  for info in describe(config_class(kind)) if info.name == key]
+        if not sep or not owners:
+            known = sorted({info.name for kind, _ in optimizations for info in describe(config_class(kind))})
+            raise ConfigError("preset", f"{preset.name}:{text}: {key!r} is not a field of its optimizations",
+                              f"write {preset.name}:FIELD=VALUE with a field of: {', '.join(known) or 'none'}")
+        for kind, fields, info in owners:
+            fields[key] = parse_text(config_class(kind).__name__, info, raw)
+    return replace(preset, name=f"{preset.name}:{text}", optimizations=tuple(optimizations),
+                   description=f"{preset.description} [set here: {text}]")
+
+
 def resolve_preset(name: str) -> Preset:
-    """A preset by name; `a+b` combines presets (later ones win on the same field)."""
+    """A preset by name; `a+b` combines presets (later ones win on the same field); `name:field=value,...` sets
+    fields of the preset's optimizations (a sweep, e.g. `tome:ratio=0.3`)."""
     parts = [p.strip() for p in name.split("+") if p.strip()]
     if not parts:
         raise ConfigError("preset", "empty preset name", f"choose from: {', '.join(PRESETS)}")
     found = []
     for part in parts:
-        if part not in PRESETS:
-            raise ConfigError("preset", f"unknown preset {part!r}", f"choose from: {', '.join(PRESETS)}")
-        found.append(PRESETS[part])
+        base, _, fields = part.partition(":")
+        if base not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {base!r}", f"choose from: {', '.join(PRESETS)}")
+        found.append(_with_fields(PRESETS[base], fields) if fields else PRESETS[base])
     if len(found) == 1:
-        return found[0]
+        return found[0] if found[0].name == name else replace(found[0], name=name)
     merged: dict[str, dict] = {}
     request: dict = {}
     for preset in found:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..models.ldm_names import unet_key_to_ldm
 from ..spec.errors import CheckpointError
+from . import lycoris
 from .files import LoraFile, LoraLayer, read_lora
 
 
@@ -53,23 +54,35 @@ def _modules(pipe, component: str, lora_format: str) -> dict:
     return found
 
 
+_KIND_NAMES = {"loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}
+
+
 def _fits(layer: LoraLayer, weight) -> bool:
+    if layer.kind != "lora":  # LoHa / LoKr: the change's shape, computed on the meta device
+        try:
+            shape = lycoris.delta(layer, device="meta").shape
+        except (RuntimeError, ValueError):  # factors that do not multiply: not this model's layer
+            return False
+        return shape[0] == weight.shape[0] and shape[1] == weight[0].numel()
     return (layer.up.shape[0] == weight.shape[0] and layer.up[0].numel() == layer.rank
             and layer.down[0].numel() == weight[0].numel())
 
 
 def _add(parameter, layer: LoraLayer, factor: float) -> None:
-    """parameter += factor * scale * up @ down, in place (fp32 weights: one fused multiply-add, no temporary)."""
+    """parameter += factor * the layer's change, in place (a plain LoRA on fp32 weights: one fused multiply-add,
+    no weight-sized temporary; LoHa / LoKr build their change first)."""
     import torch
 
-    up, down = layer.up.float().flatten(1), layer.down.float().flatten(1)
-    alpha = factor * layer.scale
-    if parameter.dtype == torch.float32 and parameter.is_contiguous():
-        parameter.view(parameter.shape[0], -1).addmm_(up.to(parameter.device), down.to(parameter.device), alpha=alpha)
+    flat = parameter.view(parameter.shape[0], -1) if parameter.is_contiguous() else None
+    if parameter.dtype != torch.float32 or flat is None:
+        flat = parameter.float().reshape(parameter.shape[0], -1)
+    if layer.kind == "lora":
+        up, down = layer.up.float().flatten(1), layer.down.float().flatten(1)
+        flat.addmm_(up.to(parameter.device), down.to(parameter.device), alpha=factor * layer.scale)
     else:
-        merged = parameter.float().view(parameter.shape[0], -1).addmm_(up.to(parameter.device),
-                                                                       down.to(parameter.device), alpha=alpha)
-        parameter.copy_(merged.view(parameter.shape).to(parameter.dtype))
+        flat.add_(lycoris.delta(layer, device=parameter.device), alpha=factor)
+    if flat.data_ptr() != parameter.data_ptr():
+        parameter.copy_(flat.view(parameter.shape).to(parameter.dtype))
 
 
 def _family_hint(lora: LoraFile, pipe) -> str:
@@ -105,7 +118,9 @@ def plan(pipe, loras) -> tuple[list, list[str]]:
                                   f"LoRA layers name layers it lacks or has in other sizes (e.g. {misses[0]}); "
                                   f"{_family_hint(lora, pipe)}",
                                   "Use a LoRA made for this model's family, or load the checkpoint it was made for")
-        lines.append(f"LoRA {Path(ref.path).name} x{ref.strength:g}: {adapted} layers ({lora.format} format)")
+        described = ", ".join([lora.format] + sorted({_KIND_NAMES[layer.kind] for layer in lora.layers
+                                                      if layer.kind in _KIND_NAMES}))
+        lines.append(f"LoRA {Path(ref.path).name} x{ref.strength:g}: {adapted} layers ({described} format)")
     return merges, lines
 
 

@@ -87,3 +87,67 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"} if fmt != "peft" else None)
     return path
+
+
+def _lycoris_factors(kind: str, out: int, inp: int, kernel: int, rank: int, tucker: bool, scale: float, gen) -> dict:
+    """Random LyCORIS factors for a layer of `out` x `inp` (x kernel x kernel) in the shapes LyCORIS stores."""
+    import torch
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen) * scale
+
+    spatial = kernel * kernel
+    if kind == "loha":
+        if tucker and kernel > 1:  # a Tucker core per side with its two factors
+            factors = {}
+            for side in ("1", "2"):
+                factors[f"hada_t{side}"] = draw(rank, rank, kernel, kernel)
+                factors[f"hada_w{side}_a"], factors[f"hada_w{side}_b"] = draw(rank, out), draw(rank, inp)
+            return factors
+        return {f"hada_w{s}_a": draw(out, rank) for s in ("1", "2")} | \
+            {f"hada_w{s}_b": draw(rank, inp * spatial) for s in ("1", "2")}
+    a, b = (2 if out % 2 == 0 else 1), (2 if inp % 2 == 0 else 1)  # kron(w1 (a x b), w2 (out/a x inp/b ...))
+    c, d = out // a, inp // b
+    factors = {"lokr_w1": draw(a, b)}
+    if tucker and kernel > 1:
+        return factors | {"lokr_t2": draw(rank, rank, kernel, kernel), "lokr_w2_a": draw(rank, c),
+                          "lokr_w2_b": draw(rank, d)}
+    return factors | {"lokr_w2_a": draw(c, rank), "lokr_w2_b": draw(rank, d * spatial)}
+
+
+def random_lycoris(pipe, path, *, kind: str = "loha", rank: int = 4, seed: int = 0, scale: float = 0.1,
+                   tucker: bool = False, alpha: float | None = 2.0) -> Path:
+    """A LyCORIS LoHa or LoKr file in kohya's names over the layers `random_lora` adapts (UNet 3x3 resnet
+    convolutions, attention query and output projections, the text encoders' too); `tucker` gives the
+    convolutions Tucker factors (`hada_t1`/`hada_t2`, `lokr_t2`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+    tensors = {}
+    for component, prefix in prefixes.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            is_conv = isinstance(module, torch.nn.Conv2d) and ".resnets." in name and module.kernel_size == (3, 3)
+            is_attention = isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_LAYERS)
+            if not (is_conv or is_attention):
+                continue
+            out, inp = module.weight.shape[:2]
+            if component != "unet" and not name.startswith("text_model."):
+                name = "text_model." + name
+            key = prefix + name.replace(".", "_")
+            for role, value in _lycoris_factors(kind, out, inp, 3 if is_conv else 1, rank, tucker, scale,
+                                                gen).items():
+                tensors[f"{key}.{role}"] = value.half()
+            if alpha is not None:
+                tensors[f"{key}.alpha"] = torch.tensor(float(alpha)).half()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args":
+                                            f'{{"algo": "{kind}"}}'})
+    return path
