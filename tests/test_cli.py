@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -82,8 +83,28 @@ def test_bench_prints_a_table_and_writes_the_json_rows(tmp_path, capsys):
     assert rows["channels-last"]["speedup"] == pytest.approx(rows["baseline"]["median_s"] /
                                                               rows["channels-last"]["median_s"], rel=1e-2)
     assert data["machine"]["cpu"] and data["settings"]["steps"] == 2
-    table = capsys.readouterr().out
-    assert "speedup" in table and "channels-last" in table
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "channels-last" in printed
+    saved = (tmp_path / "bench.md").read_text()  # the printed table, beside the JSON
+    assert saved.startswith("# bench: sd15 64x64, 2 steps") and "Data: `bench.json`" in saved
+    table = saved.split("```text\n", 1)[1].split("\n```", 1)[0]
+    assert table in printed and "channels-last+fp32" in table and f"wrote {tmp_path / 'bench.md'}" in printed
+
+
+def test_bench_comfyui_saves_its_table_beside_the_json_as_the_presets_mode_does(tmp_path, capsys, monkeypatch):
+    from sdaccel.optim.bench import comfyui
+
+    stored = json.loads((Path(__file__).parents[1] / "results" / "comfyui-patches-sd15-256-10steps.json").read_text())
+    monkeypatch.setattr(comfyui, "run_comfyui_bench", lambda settings: stored)  # the host run itself: test_comfy_bench
+    report = tmp_path / "comfy.json"
+    rc = main(["bench", "comfyui", "--comfyui", "x", "--comfyui-python", "y", "--size", "256", "--steps", "10",
+               "--json", str(report)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    saved = (tmp_path / "comfy.md").read_text()
+    assert saved.startswith("# bench comfyui: sd15 256x256, 10 steps")
+    assert comfyui.format_comfyui_table(stored) in saved and comfyui.format_comfyui_table(stored) in printed
+    assert json.loads(report.read_text())["rows"] == stored["rows"]
 
 
 def test_bench_skips_an_unavailable_preset_with_the_reason(tmp_path, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import json
 import comfy_host
 import pytest
 from sdaccel.optim.bench import comfyui as bench
-from sdaccel.optim.bench.runner import write_json
+from sdaccel.optim.bench.runner import write_report
 from sdaccel.optim.spec.errors import ConfigError
 
 
@@ -21,6 +21,17 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         with pytest.raises(ConfigError, match=field):
             bench.run_comfyui_bench(settings, say=lambda s: None, workdir=str(tmp_path))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_inductor_is_a_variant_matched_by_the_engines_frozen_inductor():
+    from sdaccel.optim.spec.optimization import config_class
+
+    variant = bench.VARIANTS["compile-inductor"]
+    assert variant.patches == (("SDAccelCompileModel", {"backend": "inductor"}),)
+    kind, fields = variant.engine
+    cfg = config_class(kind)(**fields)
+    assert cfg.backend == "inductor" and cfg.freezing  # what the node compiles: the weights frozen in
+    assert bench.run_order(["compile-inductor"]) == ["baseline", "compile-inductor"]
 
 
 def test_variants_timed_against_another_run_after_it():
@@ -53,6 +64,8 @@ def test_bench_times_the_patches_in_the_real_host_and_compares_their_images(tmp_
     assert "SDAccel CFG Cutoff (model):" in log and "SDAccel Precision (model):" in log  # the patches ran
     table = bench.format_comfyui_table(report)
     assert all(name in table for name in rows) and "KSampler in ComfyUI" in table
-    saved = json.loads(write_json(report, tmp_path / "bench.json").read_text())
+    written, table_file = write_report(report, tmp_path / "bench.json", table, "bench comfyui")
+    saved = json.loads(written.read_text())
+    assert table_file == tmp_path / "bench.md" and table in table_file.read_text()
     assert saved["rows"][1]["variant"] == "cfg-cutoff" and saved["machine"]["cpu"]
     assert bench.write_comfyui_chart(report, tmp_path / "bench.png").stat().st_size > 1000

@@ -191,6 +191,31 @@ def test_compile_gives_the_unpatched_image_and_follows_a_lora_strength_change(co
     assert run_latent(comfy, graph(lora=0.3)).equal(base[0.3])  # bypassed: the unpatched image
 
 
+INDUCTOR = {"class_type": "SDAccelCompileModel",
+            "inputs": {"backend": "inductor", "dynamic": False, "openvino_precision": "f32",
+                       "on_weight_change": "recompile"}}
+
+
+def test_inductor_compile_gives_the_unpatched_image_and_recompiles_for_a_new_lora_strength(comfy):
+    """torch.compile (inductor, weights frozen in) on ComfyUI's own model, kept small (2 steps, two compiles): the
+    same image as unpatched, and the frozen graph rebuilt when a re-queue changes the LoRA strength in place."""
+    steps = 2
+    base = {s: run_latent(comfy, graph(lora=s, steps=steps)) for s in (0.8, 0.3)}
+    since = len(log_lines(comfy, "SDAccel Compile (model)"))
+    first = run_latent(comfy, graph(INDUCTOR, lora=0.8, steps=steps, patch_first=True))
+    second = run_latent(comfy, graph(INDUCTOR, lora=0.3, steps=steps, patch_first=True), fresh=False)
+    assert rel(first, base[0.8]) < 1e-4 and rel(second, base[0.3]) < 1e-4, (rel(first, base[0.8]),
+                                                                            rel(second, base[0.3]))
+    counts = compile_counts(comfy, since)
+    assert len(counts) == 2 and [c[1] for c in counts] == [0, 0], counts  # every call ran the compiled graph
+    # built, then rebuilt; inductor counts each graph dynamo makes of ComfyUI's forward (its graph breaks: ~30-50)
+    assert all(c[0] in (steps, 2 * steps) and c[2] >= 1 for c in counts), counts
+    lines = log_lines(comfy, "SDAccel Compile (model)")[since:]
+    assert any("SDAccel Compile (model): inductor: " in line for line in lines), lines  # the stats line
+    assert any("recompiled with the new weights" in line for line in lines), lines
+    assert any("s per step over 2 steps" in line for line in lines), lines
+
+
 def with_controlnet(prompt: dict, strength: float = 1.0) -> dict:
     """`prompt` with a core ControlNet (ControlNetLoader, LoadImage, ControlNetApplyAdvanced) on both prompts."""
     prompt["10"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
@@ -255,6 +280,27 @@ def test_deepcache_reuses_features_and_interval_one_is_the_unpatched_image(comfy
     reused, calls = map(int, re.search(r"(\d+) of (\d+) UNet calls reused", line).groups())
     assert calls in (6, 12) and reused == calls // 2, line  # one call per step, or cond and uncond apart
     assert run_latent(comfy, graph()).equal(base)  # bypassed again: the unpatched image
+
+
+def test_deepcache_keeps_reusing_steps_after_the_cfg_cutoff(comfy):
+    """DeepCache (interval 2) then CFG Cutoff (50%) on 8 steps: half the UNet calls reused, before the cutoff and
+    after it (the cond-only batch starts afresh with one full step), and the unconditional pass skipped after it."""
+    prompt = graph({"class_type": "SDAccelDeepCacheModel",
+                    "inputs": {"cache_interval": 2, "cache_branch_id": 0, "start_step": 0, "end_step": 0}}, steps=8)
+    prompt["8"] = {"class_type": "SDAccelCFGCutoffModel",
+                   "inputs": {"model": ["6", 0], "cfg_cutoff": 0.5, "cfg_cutoff_step": -1}}
+    prompt["7"]["inputs"]["model"] = ["8", 0]
+    before = {title: len(log_lines(comfy, title)) for title in ("SDAccel DeepCache (model)",
+                                                                "SDAccel CFG Cutoff (model)")}
+    assert run_latent(comfy, prompt).isfinite().all()
+    cfg_line = log_lines(comfy, "SDAccel CFG Cutoff (model)")[before["SDAccel CFG Cutoff (model)"]:]
+    assert any("4 model calls with guidance, 4 without" in line for line in cfg_line), cfg_line
+    line = next(line for line in log_lines(comfy, "SDAccel DeepCache (model)")[before["SDAccel DeepCache (model)"]:]
+                if "UNet calls" in line)
+    reused, calls = map(int, re.search(r"(\d+) of (\d+) UNet calls reused", line).groups())
+    # one call per step (cond and uncond batched; 4 + 4) or cond and uncond apart (8 + 4): either way every other
+    # call of each kind is reused, after the cutoff too (a cache that stopped there would reuse 2 of 8 or 4 of 12)
+    assert calls in (8, 12) and reused == calls // 2, line
 
 
 def test_a_patch_the_model_cannot_take_fails_on_its_node_and_the_server_goes_on(comfy):

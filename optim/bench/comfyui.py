@@ -67,6 +67,9 @@ VARIANTS: dict[str, Variant] = {
     "compile-openvino": Variant("SDAccel Compile (model), OpenVINO",
                                 (("SDAccelCompileModel", {"backend": "openvino"}),),
                                 ("compile", {"backend": "openvino"})),
+    "compile-inductor": Variant("SDAccel Compile (model), inductor (torch.compile) with the weights frozen in",
+                                (("SDAccelCompileModel", {"backend": "inductor"}),),
+                                ("compile", {"backend": "inductor", "freezing": True})),
     # The same toggles behind the Attention patch, timed against it: ComfyUI with the attention the engine runs
     # (SDPA), so the toggle's own gain is compared with the engine's like for like.
     "sdpa+cfg-cutoff": Variant("Attention pytorch + CFG cutoff 50%, against Attention pytorch alone",
@@ -338,8 +341,9 @@ def format_comfyui_table(report: dict) -> str:
                  f"{s['repeats']} seeds after {s['warmup']} warm-up; {m.get('cpu')} ({m.get('torch_threads')} "
                  f"threads). Time = "
                  f"KSampler in ComfyUI (its history timestamps); speedup against the baseline, or for sdpa+* "
-                 f"against attention-pytorch; engine = the engine's denoise loop with the same toggle; share = the patch's gain over the engine's (target {TARGET_SHARE:.0%}); PSNR/SSIM "
-                 f"against the baseline image of the same seed")
+                 f"against attention-pytorch; engine = the engine's denoise loop with the same toggle; share = the "
+                 f"patch's gain over the engine's (target {TARGET_SHARE:.0%}); PSNR/SSIM against the baseline image "
+                 f"of the same seed")
     return "\n".join(lines)
 
 

@@ -313,3 +313,24 @@ def write_json(report: dict, path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def table_path(json_path) -> Path:
+    """Where a report's printed table is kept: beside its JSON, same stem, `.md` (never the JSON itself)."""
+    path = Path(json_path)
+    return path.with_name(path.name + ".table.md") if path.suffix == ".md" else path.with_suffix(".md")
+
+
+def write_table(table: str, json_path, title: str) -> Path:
+    """The table a bench printed, as Markdown beside its JSON report (written atomically). The table keeps its
+    fixed-width columns in a text block, so the file reads as the console did and renders the same."""
+    path = table_path(json_path)
+    text = f"# {title}\n\n```text\n{table.rstrip()}\n```\n\nData: `{Path(json_path).name}`\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_report(report: dict, json_path, table: str, title: str) -> list[Path]:
+    """A bench's JSON report and, beside it, the table it printed (`write_table`); the paths written."""
+    return [write_json(report, json_path), write_table(table, json_path, title)]

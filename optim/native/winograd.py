@@ -42,7 +42,10 @@ class NativeWinograd:
     @contextmanager
     def run(self, model, run: RunContext):
         """Winograd on `model`'s LDM UNet for the block; every hook is gone afterwards, even on an error."""
-        self.planner.run = run  # first: building the native kernel (once per machine) is shown as progress
+        # first: which kernel this run uses (a native kernel built in the background since the last run is picked
+        # up here; the automatic filter budget then becomes the native kernel's)
+        if self.planner.start_run(run) and self.cache is not None and not self.cfg.filter_cache_mb:
+            self.cache.budget = default_filter_budget_mb(native=True) * 2**20
         try:
             hooked = self._hooks_for(find_ldm_unet(model, "SDAccel Winograd"))
             before = hooked.calls()
@@ -76,6 +79,8 @@ def winograd_summary(counters: dict) -> list[str]:
     if "winograd_layers" not in counters:
         return []
     kernel = "native kernel" if counters.get("winograd_native_kernel") else "PyTorch Winograd"
+    if counters.get("winograd_native_building"):
+        kernel = "F.conv2d while the native kernel builds"
     lines = [f"{counters.get('winograd_winograd_calls', 0)} Winograd and {counters.get('winograd_conv2d_calls', 0)} "
              f"F.conv2d calls over {counters['winograd_layers']} convolutions ({kernel}); "
              f"{counters.get('winograd_filter_cache_mb', 0)} MB of filters kept"]

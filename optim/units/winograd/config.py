@@ -48,7 +48,8 @@ class WinogradConfig(OptimizationConfig):
                                   "$SDACCEL_CACHE_DIR)")
     kernel: str = option("auto", "auto: SDAccel's native Winograd kernel (input transform, products and output "
                          "transform fused per block of tiles, filters transformed inside the call unless the filter "
-                         "budget keeps them), compiled once for this CPU (about 2 minutes on 2 cores, needs a C++ "
-                         "compiler and ninja; kept in the SDAccel cache folder); where it cannot be built, the "
+                         "budget keeps them), compiled once for this CPU in the background (about 2 minutes on 2 "
+                         "cores, needs a C++ compiler and ninja; kept in the SDAccel cache folder; runs until then "
+                         "use F.conv2d and say so, the next run picks it up); where it cannot be built, the "
                          "PyTorch Winograd (see fused_transforms). pytorch: always the PyTorch Winograd",
                          choices=KERNEL_CHOICES, late=True)

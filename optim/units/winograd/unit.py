@@ -24,6 +24,9 @@ from .config import WinogradConfig
 
 log = logging.getLogger(__name__)
 
+BUILDING_NOTE = ("winograd: native kernel building in the background (once per machine, about 2-3 minutes); "
+                 "this run used F.conv2d, the next one after the build picks the kernel up")
+
 
 class WinogradPlanner:
     """Chooses per call (memoised per layer and shape) between F.conv2d and a Winograd kernel, and gives the
@@ -37,25 +40,49 @@ class WinogradPlanner:
         self.run: RunContext | None = None
         self.storage: list = []  # (saving s per call, bytes, layer, memo key, choice) of native layers without room
         self._native: bool | None = None
+        self.building = False  # the native kernel is being built in the background: layers run F.conv2d
+        self.unavailable: str | None = None  # why the native kernel cannot run here
 
     @property
     def native(self) -> bool:
-        """Whether the native kernel runs (decided once; the first time builds it for this CPU if needed)."""
+        """Whether the native kernel runs. Decided at first use, and again as each run starts while the kernel
+        builds in the background: a run never waits for that build (its layers run F.conv2d meanwhile)."""
         if self._native is None:
-            from ....cpukernels.native import is_built, native_ops
-
-            if self.cfg.kernel == "pytorch":
-                self._native = False
-            else:
-                if not is_built() and self.run is not None:
-                    self.run.busy("building SDAccel's native Winograd kernel for this CPU (once; about 2 minutes)",
-                                  0, 1)
-                self._native = native_ops() is not None
-                if not self._native and self.run is not None:
-                    from ....cpukernels.native import error
-
-                    self.run.note(f"winograd: native kernel unavailable ({error()}); the PyTorch Winograd runs")
+            self._native = self._kernel_ready()
         return self._native
+
+    def _kernel_ready(self) -> bool:
+        self.building, self.unavailable = False, None
+        if self.cfg.kernel == "pytorch":
+            return False
+        from ....cpukernels import native as kernel
+
+        state = kernel.kernel_state()  # starts the build (once per machine) where there is none
+        self.building = state == "building"
+        if state == "unavailable":
+            self.unavailable = kernel.error()
+        return state == "ready"
+
+    def start_run(self, run: RunContext) -> bool:
+        """Attach `run` and say in it which kernel runs; True when the native kernel became ready since the last
+        run (the plan then starts over: choices, calibration table and pending filter room)."""
+        self.run = run
+        was_building = self.building
+        if was_building:
+            self._native = None
+        switched = self.native and was_building
+        if was_building and not self.building:  # built, or failed: the F.conv2d stand-ins are no plan
+            self.memo.clear()
+            self.storage.clear()
+            self._calibration = None
+        if switched:
+            run.note("winograd: the native kernel finished building in the background; this run uses it")
+        if self.building:
+            run.counters["winograd_native_building"] = 1
+            run.note(BUILDING_NOTE)
+        elif self.unavailable is not None:
+            run.note(f"winograd: native kernel unavailable ({self.unavailable}); the PyTorch Winograd runs")
+        return switched
 
     @property
     def fused(self) -> bool:
@@ -111,6 +138,9 @@ class WinogradPlanner:
     def _decide(self, layer, shape, dtype, device, channels_last: bool, key=None):
         if dtype != torch.float32:
             return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
+        if not self.native and self.building:
+            # no calibration either: measured next to a compiler it would be wrong, and kept on disk
+            return ("conv2d", 0, 0)
         n, c, h, w = shape
         if self.cfg.tile != "auto":
             m = int(self.cfg.tile[1:])
@@ -198,7 +228,7 @@ class Winograd(Unit):
                 patched.append(patch_convs(getattr(pipe, name), planner, cache))
         for p in reversed(patched):
             patch.on_remove(p.restore)
-        patch.info.update(planner=planner, patched=patched,
+        patch.info.update(planner=planner, patched=patched, cache=cache,
                           layers=sum(len(p.swaps) for p in patched))
         log.info("winograd: %d convolutions can switch to Winograd (tile %s)", patch.info["layers"], cfg.tile)
 
@@ -207,7 +237,8 @@ class Winograd(Unit):
 
         @contextmanager
         def scope():
-            planner.run = run
+            if planner.start_run(run) and not cfg.filter_cache_mb:
+                handle.info["cache"].budget = default_filter_budget_mb(native=True) * 2**20
             if planner.storage:
                 kept = planner.allocate_storage()
                 if kept:
@@ -216,9 +247,8 @@ class Winograd(Unit):
                 yield
             finally:
                 planner.run = None
-                cache = handle.info["patched"][0].cache if handle.info["patched"] else None
-                if cache is not None:
-                    run.counters["winograd_filter_cache_mb"] = round(cache.used / 2**20, 1)
+                if handle.info["patched"]:
+                    run.counters["winograd_filter_cache_mb"] = round(handle.info["cache"].used / 2**20, 1)
                 run.counters["winograd_native_kernel"] = int(planner.native)
 
         return scope()
