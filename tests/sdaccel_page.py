@@ -61,6 +61,9 @@ def interrupt_long_generation(page, steps=200, size=256) -> str:
     page.click("#sdaccel_generate")
     page.wait_for_function("() => /step [1-9]/.test(document.querySelector('#sdaccel_status')?.innerText || '')",
                            timeout=TIMEOUT_MS)
+    bar = page.evaluate("() => { const bar = document.querySelector('#sdaccel_status progress');"
+                        " return bar && [bar.value, bar.max, bar.getBoundingClientRect().width]; }")
+    assert bar and bar[1] == steps and 1 <= bar[0] < steps and bar[2] > 100, bar  # a drawn progress bar
     page.click("#sdaccel_interrupt")
     page.wait_for_function("() => (document.querySelector('#sdaccel_status')?.innerText || '')"
                            ".includes('Interrupted')", timeout=TIMEOUT_MS)

@@ -299,9 +299,69 @@ def test_prompt_lora_tags_merge_the_named_lora(client):
     assert pixels(tagged) != pixels(plain)
     notes = info["sdaccel"]["stats"][0]["notes"]
     assert any(note.startswith("LoRA ink.safetensors x0.8:") for note in notes), notes
-    assert info["prompt"] == "a lighthouse at dusk"  # the text encoder never saw the tag
+    # the prompt as sent, tag included, as A1111 reports it (so "send to txt2img" brings the LoRA back)
+    assert info["prompt"] == "a lighthouse <lora:ink:0.8> at dusk" == info["all_prompts"][0]
+    assert _image(tagged["images"][0]).text["parameters"].startswith("a lighthouse <lora:ink:0.8> at dusk\n")
+    assert "<lora:ink:0.8>" in info["infotexts"][0]
     again, _ = txt2img(client, prompt="a lighthouse at dusk")
     assert pixels(again) == pixels(plain)  # taken out again: the plain image
     bad = client.post("/sdapi/v1/txt2img", json={**A1111_BODY, "prompt": "a fox <lora:nowhere:1>"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "prompt", bad.text
     assert "no LoRA named 'nowhere'" in bad.text
+
+
+def test_an_interrupted_series_returns_the_batches_finished_before_it(client):
+    """A1111 answers an interrupted n_iter series with the images it finished: so does SDAccel (the batch that
+    was running gives none: the engine stops without decoding it)."""
+    steps, size = 150, 128
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(client.post("/sdapi/v1/txt2img", json={
+        **A1111_BODY, "steps": steps, "width": size, "height": size, "n_iter": 3})))
+    thread.start()
+    deadline = time.monotonic() + 300
+    progress = {}
+    while time.monotonic() < deadline:
+        progress = client.get("/sdapi/v1/progress").json()
+        if progress["state"]["sampling_step"] > steps + 2:  # the second batch has taken steps
+            break
+        time.sleep(0.02)
+    assert progress["state"]["sampling_steps"] == 3 * steps, progress
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(300)
+    assert results[0].status_code == 200, results[0].text
+    body = results[0].json()
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 1 and info["all_seeds"] == [A1111_BODY["seed"]], info["all_seeds"]
+    assert any("in batch 2 of 3 (1 finished, kept)" in note for note in info["sdaccel"]["notes"]), info["sdaccel"]
+    alone, _ = txt2img(client, steps=steps, width=size, height=size)
+    assert np.array_equal(_pixels(alone["images"][0]), _pixels(body["images"][0]))  # a finished image, not a draft
+
+
+def test_sd_model_hash_is_a1111s_short_sha256_of_the_checkpoint(client, models):
+    import hashlib
+
+    expected = hashlib.sha256((models / "fox.safetensors").read_bytes()).hexdigest()
+    _, info = txt2img(client)
+    assert info["sd_model_hash"] == expected[:10]
+    listed = {m["title"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+    assert listed["fox.safetensors"]["hash"] == expected[:10] and listed["fox.safetensors"]["sha256"] == expected
+
+
+def test_the_model_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from sdaccel.webui import hashes
+
+    calls: list = []
+    real = hashes.file_sha256
+    monkeypatch.setattr(hashes, "file_sha256", lambda path: calls.append(path) or real(path))
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights one")
+    assert hashes.known_sha256(model) is None  # a listing never hashes
+    assert hashes.short_hash(model) == hashlib.sha256(b"weights one").hexdigest()[:10]
+    assert hashes.short_hash(model) == hashes.short_hash(str(model)) and len(calls) == 1  # cached
+    model.write_bytes(b"weights two!")  # replaced in place: another size and time
+    os.utime(model, ns=(1, 1))
+    assert hashes.short_hash(model) == hashlib.sha256(b"weights two!").hexdigest()[:10] and len(calls) == 2
+    assert hashes.short_hash("synthetic:sd15") is None and hashes.short_hash(tmp_path) is None

@@ -259,22 +259,29 @@ def parse(body, *, img2img: bool = False) -> ParsedRequest:
                          checkpoint=checkpoint, send_images=send is not False, notes=notes + script_notes, echo=echo)
 
 
-def response(results: list, spec, parsed: ParsedRequest, request, *, model_title: str) -> dict:
-    """A1111's TextToImageResponse: base64 PNGs (with their `parameters`), the echoed body, the `info` JSON."""
+def response(results: list, spec, parsed: ParsedRequest, request, *, model_title: str,
+             model_hash: str | None = None) -> dict:
+    """A1111's TextToImageResponse: base64 PNGs (with their `parameters`), the echoed body, the `info` JSON.
+
+    `results` are the batches that finished (fewer than n_iter after an interrupt). The prompt shown is the one
+    sent, `<lora:...>` tags included, as A1111 shows it (so "send to txt2img" brings the LoRAs back); `request`
+    is what the engine ran (the tags taken out)."""
     from ..optim.run.infotext import parameters_text, png_bytes, run_metadata
 
+    sent = parsed.request.prompt
+    shown = request.with_(prompt=sent) if sent != request.prompt else request
     images, infotexts, seeds = [], [], []
     for batch, result in enumerate(results):
         first = request.seed + batch * request.batch_size
         meta = run_metadata(spec, request, result.stats)
         for i, image in enumerate(result.images):
-            text = parameters_text(spec, request, result.stats, i, seed=first)
+            text = parameters_text(spec, shown, result.stats, i, seed=first)
             infotexts.append(text)
             seeds.append((first + i) % 2**64)
             if parsed.send_images:
                 images.append(base64.b64encode(png_bytes(image, {"parameters": text, "sdaccel": meta})).decode())
     stats = results[0].stats if results else None
-    info = {"prompt": request.prompt, "all_prompts": [request.prompt] * len(seeds),
+    info = {"prompt": sent, "all_prompts": [sent] * len(seeds),
             "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * len(seeds),
             "seed": request.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
             "subseed_strength": 0, "width": stats.width if stats else request.width,
@@ -282,7 +289,7 @@ def response(results: list, spec, parsed: ParsedRequest, request, *, model_title
             "sampler_name": SCHEDULER_TITLES.get(request.scheduler, request.scheduler),
             "cfg_scale": stats.cfg if stats else request.cfg, "steps": stats.steps if stats else request.steps,
             "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": model_title.rsplit(".", 1)[0], "sd_model_hash": None, "sd_vae_name": None,
+            "sd_model_name": model_title.rsplit(".", 1)[0], "sd_model_hash": model_hash, "sd_vae_name": None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": request.strength if request.is_img2img else None,
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],

@@ -14,7 +14,8 @@ import time
 
 from ..optim.spec.errors import ConfigError, GenerationInterrupted, SDAccelError
 from . import a1111
-from .service import QueueFull, ServiceClosed, engine_job
+from .hashes import known_sha256, short_hash
+from .service import BatchesInterrupted, QueueFull, ServiceClosed, engine_job
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,16 @@ def create_app(session, *, app=None):
                                 headers={"Retry-After": "5"})
         try:
             results = await asyncio.wrap_future(job.future)
-        except GenerationInterrupted as exc:
+        except GenerationInterrupted as exc:  # A1111 answers with the images finished before the interrupt
             parsed.notes.append(f"interrupted: {exc}")
-            results = []
+            results = exc.results if isinstance(exc, BatchesInterrupted) else []
         except SDAccelError as exc:
             return JSONResponse(status_code=400, content={"error": type(exc).__name__, "detail": str(exc)})
         except Exception as exc:  # noqa: BLE001 - the server keeps serving; the client learns what failed
             log.exception("generation %s failed", job.id)
             return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": str(exc)})
-        return a1111.response(results, spec, parsed, requests[0], model_title=entry.title)
+        model_hash = await asyncio.to_thread(short_hash, entry.path)  # seconds once per file, then cached
+        return a1111.response(results, spec, parsed, requests[0], model_title=entry.title, model_hash=model_hash)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -97,9 +99,13 @@ def create_app(session, *, app=None):
         return await generate(request, img2img=True)
 
     @app.get("/sdapi/v1/sd-models")
-    def sd_models():
-        return [{"title": e.title, "model_name": e.model_name, "hash": None, "sha256": None, "filename": e.path,
-                 "config": None} for e in session.catalog.entries()]
+    def sd_models():  # hashes known from earlier responses; listing never hashes (A1111 neither)
+        listed = []
+        for e in session.catalog.entries():
+            sha = known_sha256(e.path)
+            listed.append({"title": e.title, "model_name": e.model_name, "hash": sha[:10] if sha else None,
+                           "sha256": sha, "filename": e.path, "config": None})
+        return listed
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     def refresh_checkpoints():

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..optim.spec.errors import SDAccelError
+from ..optim.spec.errors import GenerationInterrupted, SDAccelError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,17 @@ class QueueFull(SDAccelError):
 
 class ServiceClosed(SDAccelError):
     """The service was shut down; no job is taken any more."""
+
+
+class BatchesInterrupted(GenerationInterrupted):
+    """An interrupt during batch `len(results) + 1` of a series: `results` holds the batches finished before it,
+    whose images A1111 returns too. (The batch that was running gives none: the engine stops without decoding.)"""
+
+    def __init__(self, cause: GenerationInterrupted, results: list, batches: int):
+        super().__init__(cause.step, cause.total)
+        self.results = list(results)
+        if batches > 1:
+            self.args = (f"{cause}, in batch {len(results) + 1} of {batches} ({len(results)} finished, kept)",)
 
 
 @dataclass
@@ -78,7 +89,10 @@ def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
         for i, request in enumerate(requests):
             def step(done, total, i=i):
                 progress(i * total + done, len(requests) * total)
-            results.append(run(spec, request, progress=step, should_interrupt=should_interrupt))
+            try:
+                results.append(run(spec, request, progress=step, should_interrupt=should_interrupt))
+            except GenerationInterrupted as exc:
+                raise BatchesInterrupted(exc, results, len(requests)) from exc
             results[-1].stats.notes.extend(chosen)
         return results
 
