@@ -1,6 +1,6 @@
 """ComfyUI nodes over the engine: a loader, a LoRA node, one toggle per optimization unit, the CFG cutoff, the
-memory-budget planner, the samplers and the SDXL refiner ensemble. Node ids are forever (`SDAccel...`), categories
-live under `sdaccel/`.
+memory-budget planner, the samplers, the SDXL refiner ensemble and the frame stream. Node ids are forever
+(`SDAccel...`), categories live under `sdaccel/`.
 
 Only class definitions happen at import; ComfyUI modules are imported lazily (`host.py`), so this
 package imports and its nodes run without ComfyUI.
@@ -14,6 +14,7 @@ from .loader import SDAccelLoader
 from .lora import SDAccelLora
 from .model_patches import MODEL_PATCH_NAMES, MODEL_PATCHES
 from .sampler import SDAccelSampler, SDAccelSamplerImg2Img
+from .stream import SDAccelStream
 from .toggles import SDAccelCFGCutoff, display_name, toggle_nodes
 
 _TOGGLES = toggle_nodes()
@@ -28,6 +29,7 @@ NODE_CLASS_MAPPINGS: dict = {
     "SDAccelSamplerImg2Img": SDAccelSamplerImg2Img,
     **MODEL_PATCHES,
     "SDAccelFitToMemory": SDAccelFitToMemory,
+    "SDAccelStream": SDAccelStream,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
@@ -40,6 +42,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "SDAccelSamplerImg2Img": "SDAccel Sampler (img2img)",
     **MODEL_PATCH_NAMES,
     "SDAccelFitToMemory": "SDAccel Fit to Memory",
+    "SDAccelStream": "SDAccel Stream (video frames)",
 }
 
 register_routes(engine_cache)  # only inside ComfyUI: adds GET /sdaccel/pipelines

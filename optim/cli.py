@@ -49,7 +49,7 @@ def config_from_args(cls, args: argparse.Namespace, *, prefix: str = "", **extra
     return cls(**values)
 
 
-def _parse_opt(text: str):
+def parse_opt(text: str):
     """`kind` or `kind:field=value,field=value` -> an optimization config."""
     from .spec.optimization import config_class
 
@@ -110,15 +110,22 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_arguments(gen, EnsembleSpec)
 
     bench = sub.add_parser("bench", help="benchmark presets side by side on this machine (or `bench winograd`)")
-    bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd", "comfyui"),
+    bench.add_argument("target", nargs="?", default="presets", choices=("presets", "winograd", "comfyui", "stream"),
                        help="presets (default): whole runs per preset; winograd: every 3x3 conv shape, "
                        "F.conv2d vs Winograd; comfyui: the MODEL patches in a real ComfyUI (--comfyui, "
-                       "--comfyui-python) against the engine's pipeline with the same toggles")
+                       "--comfyui-python) against the engine's pipeline with the same toggles; stream: frames per "
+                       "second and latency of the stream pipeline against a per-frame diffusers img2img loop")
     bench.add_argument("--family", default=None, choices=sorted(FAMILIES),
                        help="family to build with random weights (default sd15), or an override of what "
                        "--checkpoint is detected as")
     bench.add_argument("--size", type=int, default=512, help="image side in pixels")
-    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; bench stream: 2 per "
+                       "frame)")
+    bench.add_argument("--frames", type=int, default=8, help="bench stream: frames timed per row (after --warmup "
+                       "frames, default 3 there)")
+    bench.add_argument("--strength", type=float, default=0.5, help="bench stream: img2img strength of each frame")
+    bench.add_argument("--streamdiffusion-python", default=None, help="bench stream: the Python of a venv with the "
+                       "streamdiffusion package, to run it side by side on the same weights and clip")
     bench.add_argument("--checkpoint", default=None, help="benchmark this checkpoint instead of random weights")
     bench.add_argument("--preset", action="append", default=None,
                        help=f"preset to run (repeatable; combine with +). Known: {', '.join(preset_names())}")
@@ -163,6 +170,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true",
                        help="bench winograd: where each whole module's time goes (PyTorch profiler, top operations by "
                             "own time), plain, with Winograd, and with the PyTorch Winograd if --compare-pytorch")
+    from .stream.cli import add_stream_parser
+
+    add_stream_parser(sub)
     plan = sub.add_parser("plan", help="the fastest measured combination that fits a memory budget on this machine")
     plan.add_argument("--budget", required=True, help="memory to stay within: 6GB, 5.5GB, 5500MB (process RAM on a "
                       "CPU, GPU memory on a GPU)")
@@ -240,7 +250,7 @@ def cmd_generate(args) -> int:
     for name in args.preset:
         spec, request = resolve_preset(name).apply(spec, request)
     for text in args.opt:
-        spec = spec.with_optimization(_parse_opt(text))
+        spec = spec.with_optimization(parse_opt(text))
     if args.fit_memory:
         from .plan.budget import parse_budget
 
@@ -298,7 +308,7 @@ def cmd_bench(args) -> int:
     _check_output_file(args.json, "--json")
     _check_output_file(args.chart, "--chart")
     _quiet_libraries(args.verbose)
-    from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_json
+    from .bench.runner import BenchSettings, format_table, run_bench, write_chart, write_report
 
     if args.target == "winograd":
         from .bench.winograd import format_winograd_table, run_winograd_bench
@@ -309,12 +319,17 @@ def cmd_bench(args) -> int:
                                     filter_cache_mb=args.filter_cache_mb, compare_pytorch=args.compare_pytorch,
                                     profile=args.profile,
                                     modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
-        print(format_winograd_table(report))
+        table = format_winograd_table(report)
+        print(table)
         if args.json:
-            print(f"wrote {write_json(report, args.json)}")
+            _wrote(write_report(report, args.json, table,
+                                f"bench winograd: {report['family']} {args.size}x{args.size}"))
         return 0
+    if args.target == "stream":
+        return _bench_stream(args)
+    args.steps = args.steps or 20
     if args.target == "comfyui":
-        return _bench_comfyui(args, write_json)
+        return _bench_comfyui(args)
     settings = BenchSettings(family=args.family, size=args.size, steps=args.steps,
                              presets=args.preset or ["baseline"], repeats=args.repeats, warmup=args.warmup,
                              checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
@@ -333,9 +348,11 @@ def cmd_bench(args) -> int:
         raise ConfigError("--optimum-python", f"{args.optimum_python} is not an executable Python",
                           "give the python of a venv with optimum-intel installed (VENV/bin/python)")
     report = run_bench(settings)
-    print(format_table(report))
+    table = format_table(report)
+    print(table)
     if args.json:
-        print(f"wrote {write_json(report, args.json)}")
+        _wrote(write_report(report, args.json, table, f"bench: {report['settings']['family']} {settings.size}x"
+                            f"{settings.size}, {settings.steps} steps"))
     if args.chart:
         print(f"wrote {write_chart(report, args.chart)}")
     return 0
@@ -366,7 +383,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _bench_comfyui(args, write_json) -> int:
+def _wrote(paths) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _bench_comfyui(args) -> int:
     from .bench.comfyui import (
         VARIANTS,
         ComfyBenchSettings,
@@ -374,6 +396,7 @@ def _bench_comfyui(args, write_json) -> int:
         run_comfyui_bench,
         write_comfyui_chart,
     )
+    from .bench.runner import write_report
     from .spec.errors import ConfigError
 
     if not args.comfyui or not args.comfyui_python:
@@ -386,11 +409,35 @@ def _bench_comfyui(args, write_json) -> int:
                                   cfg=args.cfg if args.cfg is not None else 7.0, variants=variants,
                                   engine=not args.no_engine)
     report = run_comfyui_bench(settings)
-    print(format_comfyui_table(report))
+    table = format_comfyui_table(report)
+    print(table)
     if args.json:
-        print(f"wrote {write_json(report, args.json)}")
+        _wrote(write_report(report, args.json, table, f"bench comfyui: {report.get('family', 'sd15')} "
+                            f"{settings.size}x{settings.size}, {settings.steps} steps"))
     if args.chart:
         print(f"wrote {write_comfyui_chart(report, args.chart)}")
+    return 0
+
+
+def _bench_stream(args) -> int:
+    from .bench.runner import write_report
+    from .bench.stream import LCM_VARIANTS, TURBO_VARIANTS, StreamBenchSettings, format_stream_table, run_stream_bench
+    from .models.families import FAMILIES
+
+    family = args.family or "sd-turbo"
+    default = TURBO_VARIANTS if FAMILIES[family].turbo else TURBO_VARIANTS + LCM_VARIANTS
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else list(default)
+    if args.streamdiffusion_python and "streamdiffusion" not in variants:
+        variants.append("streamdiffusion")
+    settings = StreamBenchSettings(family=family, size=args.size, steps=args.steps or 2, strength=args.strength,
+                                   frames=args.frames, warmup=max(args.warmup, 3), variants=variants,
+                                   checkpoint=args.checkpoint, device=args.device,
+                                   streamdiffusion_python=args.streamdiffusion_python)
+    report = run_stream_bench(settings)
+    table = format_stream_table(report)
+    print(table)
+    if args.json:
+        _wrote(write_report(report, args.json, table, f"bench stream: {family} {args.size}x{args.size}"))
     return 0
 
 
@@ -425,6 +472,10 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command == "stream":
+            from .stream.cli import cmd_stream
+
+            return cmd_stream(args)
         return cmd_bench(args)
     except SDAccelError as exc:
         print(f"error: {exc}", file=sys.stderr)

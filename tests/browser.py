@@ -13,8 +13,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @contextmanager
-def browser_page(viewport=(1600, 1000)):
-    """A fresh page in a fresh profile; fails the test (not skips) when Chromium or playwright is missing."""
+def browser_page(viewport=(1600, 1000), extra_args=()):
+    """A fresh page in a fresh profile (Chromium also given `extra_args`, e.g. a fake camera); fails the test (not
+    skips) when Chromium or playwright is missing."""
     import pytest
 
     if shutil.which(CHROMIUM) is None:
@@ -24,7 +25,7 @@ def browser_page(viewport=(1600, 1000)):
     except ImportError as exc:
         pytest.fail(f"playwright is not installed ({exc}): `pip install playwright` (no browser download needed)")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args))
         try:
             yield browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
         finally:

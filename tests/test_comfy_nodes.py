@@ -39,7 +39,8 @@ STABLE_IDS = ["SDAccelLoader", "SDAccelLora", "SDAccelPrecision", "SDAccelAttent
               "SDAccelCompile",
               "SDAccelCFGCutoff", "SDAccelRefinerEnsemble", "SDAccelSampler", "SDAccelSamplerImg2Img",
               "SDAccelWinogradModel", "SDAccelDeepCacheModel", "SDAccelCFGCutoffModel",
-              "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel", "SDAccelFitToMemory"]
+              "SDAccelCompileModel", "SDAccelPrecisionModel", "SDAccelAttentionModel", "SDAccelFitToMemory",
+              "SDAccelStream"]
 
 
 def call(node_type: str, **inputs):
@@ -436,3 +437,33 @@ def test_fit_to_memory_adds_the_planned_toggles_and_says_why(shared_cache, plan_
     with pytest.raises(ConfigError, match="--measure"):
         call("SDAccelFitToMemory", pipe=base, budget_gb=1000.0, width=128, height=128, steps=2, quality="any",
              measure="never (fail instead)", tiny_vae="")
+
+
+def test_stream_node_gives_one_image_per_frame_as_the_engine_streams_them(checkpoints, shared_cache):
+    from sdaccel.nodes.pipe import SDAccelPipe
+    from sdaccel.optim.spec.ensemble import EnsembleSpec
+    from sdaccel.optim.spec.pipeline import PipelineSpec
+    from sdaccel.optim.stream.pipeline import StreamPipeline
+    from sdaccel.optim.stream.settings import StreamSettings
+
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.rand(5, 64, 72, 3, generator=gen)  # 72 wide: the stream takes 72 (a multiple of 8)
+    pipe = load(checkpoints.get("sd15").path)
+    given = {**defaults("SDAccelStream"), "prompt": "ink", "steps": 2, "scheduler": "lcm", "cfg_mode": "self"}
+    given.pop("pipe", None)
+    out = call("SDAccelStream", pipe=pipe, images=frames, **given)
+    images, text = out["result"]
+    assert images.shape == (5, 64, 72, 3) and "fps" in text and "5 frames" in text
+    assert out["ui"]["sdaccel_stats"][0]["stream"]["frames_out"] == 5
+    settings = StreamSettings(width=72, height=64, **{k: v for k, v in given.items()
+                                                       if k not in ("images",)})
+    with torch.inference_mode(), shared_cache.use(pipe.spec) as prepared, \
+            StreamPipeline(prepared, settings) as stream:
+        expected = [o.image for i in range(5) for o in stream.push(frames[i:i + 1].permute(0, 3, 1, 2), i)]
+        expected += [o.image for o in stream.flush()]
+    assert torch.allclose(images, torch.stack(expected), atol=1e-5)
+    with pytest.raises(ConfigError, match="images"):
+        call("SDAccelStream", pipe=pipe, images=frames[0], **given)
+    ensemble = SDAccelPipe(spec=EnsembleSpec(base=pipe.spec, refiner=PipelineSpec(model=pipe.spec.model)))
+    with pytest.raises(ConfigError, match="refiner ensemble"):
+        call("SDAccelStream", pipe=ensemble, images=frames, **given)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 
 from ..optim.spec.errors import GenerationInterrupted, SDAccelError
 from .controls import control, ui_fields
 from .form import NO_REFINER, build_job, fit_settings, optimization_classes, request_fields, stats_text
-from .service import QueueFull, engine_job
+from .service import BatchesInterrupted, QueueFull, engine_job
 
 POLL_S = 0.25
 
@@ -36,8 +37,36 @@ def _wait(gr, job, outputs: int, say):
         time.sleep(POLL_S)
 
 
-def build_blocks(session, *, title: str = "SDAccel"):
-    """The Blocks for `session` (a WebSession); gradio is imported here, never at module import."""
+def generation_status(job, waiting: int) -> str:
+    """The Generate status while `job` runs: a progress bar and "step i/n" once steps are known.
+
+    A plain HTML `<progress>` in the status Markdown, which gradio 3.41 (A1111), 4.40 (Forge) and the current
+    gradio all render; `gr.Progress` is not used: gradio injects it by the handler's signature, and this
+    handler takes the whole form as `*values`."""
+    if job.total:
+        return (f'<progress value="{job.step}" max="{job.total}" style="width: 100%"></progress>\n\n'
+                f"step {job.step}/{job.total} ({100 * job.step // job.total}%)")
+    return f"waiting ({waiting} queued)" if job.started is None else "loading"
+
+
+def chart_file(report) -> tuple[str | None, str]:
+    """(a PNG chart of `report`, or None; a note for the status line when there is no chart)."""
+    from ..optim.bench.runner import write_chart
+
+    chart = tempfile.NamedTemporaryFile(prefix="sdaccel-bench-", suffix=".png", delete=False).name
+    try:
+        write_chart(report, chart)
+    except SDAccelError as exc:
+        Path(chart).unlink(missing_ok=True)
+        if isinstance(exc.__cause__, ImportError):
+            return None, "no chart: it needs matplotlib (`pip install matplotlib`)"
+        return None, f"no chart: {exc}"
+    return chart, ""
+
+
+def build_blocks(session, *, title: str = "SDAccel", live: bool = False):
+    """The Blocks for `session` (a WebSession); gradio is imported here, never at module import. `live` adds the
+    Live tab (webcam streaming: the standalone server only, not the A1111/Forge tab)."""
     import gradio as gr
 
     from ..optim.bench.presets import preset_names
@@ -138,6 +167,11 @@ def build_blocks(session, *, title: str = "SDAccel"):
                 bench_status = gr.Markdown("", elem_id="sdaccel_bench_status")
                 bench_table = gr.Markdown("", elem_id="sdaccel_bench_table")
                 bench_chart = gr.Image(type="filepath", label="Chart", elem_id="sdaccel_bench_chart")
+            if live:
+                from .live import build_live
+
+                with gr.Tab("Live", elem_id="sdaccel_live_tab"):
+                    build_live(gr, session, checkpoint=checkpoint, family=inputs[keys.index(("model", "family"))])
 
         def on_refresh():
             titles = _titles(session)
@@ -159,12 +193,13 @@ def build_blocks(session, *, title: str = "SDAccel"):
             except (SDAccelError, QueueFull) as exc:
                 yield gr.update(), gr.update(), f"**Error:** {exc}"
                 return
-            yield from _wait(gr, job, 3, lambda j: f"step {j.step}/{j.total}" if j.total else
-                             f"waiting ({session.service.waiting} queued)" if j.started is None else "loading")
+            yield from _wait(gr, job, 3, lambda j: generation_status(j, session.service.waiting))
             try:
                 results = job.future.result()
-            except GenerationInterrupted as exc:
-                yield [], "", f"**Interrupted:** {exc}"
+            except GenerationInterrupted as exc:  # the batches finished before it are kept, as in A1111
+                done = exc.results if isinstance(exc, BatchesInterrupted) else []
+                yield ([image for result in done for image in result.images], stats_text(done),
+                       f"**Interrupted:** {exc}")
                 return
             except SDAccelError as exc:
                 yield gr.update(), gr.update(), f"**Error:** {exc}"
@@ -176,7 +211,7 @@ def build_blocks(session, *, title: str = "SDAccel"):
             return "interrupting at the next step" if session.service.interrupt() else "nothing is running"
 
         def on_bench(names, size, steps, repeats, warmup, use_checkpoint, checkpoint_title):
-            from ..optim.bench.runner import BenchSettings, format_table, run_bench, write_chart
+            from ..optim.bench.runner import BenchSettings, format_table, run_bench
 
             if not names:
                 yield gr.update(), gr.update(), "**Error:** pick at least one preset"
@@ -189,12 +224,7 @@ def build_blocks(session, *, title: str = "SDAccel"):
 
             def work(progress, should_interrupt):
                 report = run_bench(settings, say=lines.append)
-                chart = tempfile.NamedTemporaryFile(prefix="sdaccel-bench-", suffix=".png", delete=False).name
-                try:
-                    write_chart(report, chart)
-                except ImportError:
-                    chart = None
-                return report, chart
+                return (report, *chart_file(report))
 
             try:
                 job = session.service.submit(work, label="bench")
@@ -203,11 +233,12 @@ def build_blocks(session, *, title: str = "SDAccel"):
                 return
             yield from _wait(gr, job, 3, lambda j: (lines[-1] if lines else "waiting for the queue"))
             try:
-                report, chart = job.future.result()
+                report, chart, note = job.future.result()
             except SDAccelError as exc:
                 yield gr.update(), gr.update(), f"**Error:** {exc}"
                 return
-            yield f"```\n{format_table(report)}\n```", chart, f"done: {len(report['rows'])} rows"
+            yield (f"```\n{format_table(report)}\n```", chart,
+                   f"done: {len(report['rows'])} rows" + (f"; {note}" if note else ""))
 
         refresh.click(fn=on_refresh, inputs=None, outputs=[checkpoint, refiner, lora_name])
         add_lora.click(fn=on_add_lora, inputs=[controls["prompt"], lora_name, lora_strength],

@@ -17,7 +17,7 @@ def build_app(session, *, ui: bool = True):
 
         from .blocks import build_blocks
 
-        blocks = build_blocks(session)
+        blocks = build_blocks(session, live=True)
         if _accepts(blocks.queue, "default_concurrency_limit"):  # gradio 4+; 3.x queues without the option
             blocks.queue(default_concurrency_limit=4)
         else:

@@ -228,7 +228,7 @@ class _UnetCallLog:
         self._handle.remove()
 
 
-def _vae_scale(vae) -> tuple[float, float]:
+def vae_scale(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
@@ -236,7 +236,7 @@ def _latent_scale(prepared: PreparedPipeline) -> float:
     """The model's own VAE scaling factor (a Tiny VAE in `pipe.vae` says 1.0 for the same latent space)."""
     handle = prepared.handle("vae")
     factor = handle.info.get("latent_scaling_factor") if handle is not None else None
-    return factor if factor is not None else _vae_scale(prepared.pipe.vae)[0]
+    return factor if factor is not None else vae_scale(prepared.pipe.vae)[0]
 
 
 def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, timer):
@@ -275,14 +275,14 @@ def _prepare_latents(pipe, plan: _Plan, scheduler, generators, device, monitor, 
         else:
             eps = _noise(dist.mean.shape[1:], _generators(plan.seed + 7919, plan.batch), vae_device, torch.float32)
             init_latents = (dist.mean.float() + dist.std.float() * eps).to(device)
-    scale, shift = _vae_scale(vae)
+    scale, shift = vae_scale(vae)
     init_latents = (init_latents - shift) * scale
     latent_t = timesteps[:1].repeat(plan.batch)
     return scheduler.add_noise(init_latents, noise, latent_t), timesteps
 
 
 def _decode(vae, latents: torch.Tensor, device) -> torch.Tensor:
-    scale, shift = _vae_scale(vae)
+    scale, shift = vae_scale(vae)
     z = latents / scale + shift
     mean = getattr(vae.config, "latents_mean", None)
     if mean is not None:
@@ -330,7 +330,7 @@ def _describe_optimizations(configs) -> list[str]:
     return [cfg.label() for cfg in configs if cfg.kind != "precision" or cfg.changed()]
 
 
-def _run_scopes(prepared: PreparedPipeline, run: RunContext, stack: ExitStack) -> None:
+def enter_run_scopes(prepared: PreparedPipeline, run: RunContext, stack: ExitStack) -> None:
     """Enter every applied unit's per-run scope, in canonical order."""
     units = all_units()
     for handle in prepared.handles:
@@ -388,7 +388,7 @@ class _Job:
         start = time.perf_counter()
         try:
             with ExitStack() as scopes:
-                _run_scopes(self.prepared, self.run, scopes)
+                enter_run_scopes(self.prepared, self.run, scopes)
                 yield self
         finally:
             calls.close()
@@ -469,6 +469,21 @@ class _Job:
     def result(self, images_hwc, latents) -> RunResult:
         return RunResult(_to_pil(images_hwc), images_hwc, latents.detach().float().cpu(), self.stats,
                          _latent_scale(self.prepared))
+
+
+def encode_prompts(prepared: PreparedPipeline, prompt: str, negative: str, width: int, height: int, *,
+                   guidance: bool) -> dict:
+    """One image's prompt conditioning ([negative, positive] rows when `guidance`), as a run would encode it
+    (streams encode once and reuse it)."""
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, width=width, height=height)
+    return _encode_prompts(prepared.pipe, prepared.family, _plan(request, prepared.family), guidance,
+                           torch.device(prepared.device))
+
+
+def decode_latents(prepared: PreparedPipeline, latents: torch.Tensor, run: RunContext) -> torch.Tensor:
+    """Latents (diffusers' scale) to [B, H, W, 3] images in 0..1 on the CPU, with the half-precision VAE check."""
+    images = _decode_checked(prepared, latents, run, torch.device(prepared.device))
+    return images.permute(0, 2, 3, 1).cpu().contiguous()
 
 
 def generate(prepared: PreparedPipeline, request: GenerationRequest, *, progress: ProgressFn | None = None,
