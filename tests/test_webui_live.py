@@ -277,15 +277,23 @@ def test_the_live_tab_streams_the_fake_camera(live_server):
         page.wait_for_selector("#sdaccel_live_start", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
         for name, value in (("width", SIZE), ("height", SIZE), ("steps", 1)):
             sdaccel_page.set_number(page, f"sdaccel_live_{name}", value)
+            page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`)?.value == v",
+                                   arg=[f"sdaccel_live_{name}", value], timeout=sdaccel_page.TIMEOUT_MS)
         text = start_live(page)
         assert text.startswith("running: ") and "latency p50 0." in text, text
         first = text.split(" fps")[0].split()[-1]
         page.wait_for_function("(f) => { const m = /([0-9.]+) fps/.exec(document.querySelector("
                                "'#sdaccel_live_readout')?.innerText || ''); return m && m[1] !== f; }",
                                arg=first, timeout=sdaccel_page.TIMEOUT_MS)
-        size = page.evaluate("() => { const i = document.querySelector('#sdaccel_live_output img');"
-                             " return [i.naturalWidth, i.naturalHeight]; }")
-        assert size == [SIZE, SIZE], size
+        size_of = ("() => { const i = document.querySelector('#sdaccel_live_output img');"
+                   " return i ? [i.naturalWidth, i.naturalHeight] : null; }")
+        sizes = []
+        for _ in range(120):  # the stream's images take the size set above (each new image loads a moment)
+            sizes.append(page.evaluate(size_of))
+            if sizes[-1] == [SIZE, SIZE]:
+                break
+            page.wait_for_timeout(500)
+        assert sizes[-1] == [SIZE, SIZE], sizes[-5:]
         sdaccel_page.keep_screenshot(page, "webui-live.png")
         page.click("#sdaccel_live_stop")
         page.wait_for_function("() => (document.querySelector('#sdaccel_live_readout')?.innerText || '')"
