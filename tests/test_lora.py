@@ -150,7 +150,9 @@ def test_lycoris_loha_and_lokr_merge_as_lycoris_defines_them(tmp_path, kind, tuc
             [(f"text_encoder.{n}", m) for n, m in base.text_encoder.named_modules()]:
         component, _, path_in = name.partition(".")
         prefix = "lora_unet_" if component == "unet" else "lora_te_"
-        kohya = prefix + (path_in if component == "unet" else "text_model." + path_in).replace(".", "_")
+        if component != "unet" and not path_in.startswith("text_model."):  # transformers 5 dropped the wrapper
+            path_in = "text_model." + path_in
+        kohya = prefix + path_in.replace(".", "_")
         if kohya not in layers:
             continue
         factors = {role: v for role, v in layers[kohya].items() if role != "alpha"}
