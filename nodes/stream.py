@@ -85,23 +85,10 @@ class SDAccelStream:
         finally:
             host.BRIDGE.sync(cache, [entry for entry in cache.entries() if entry.spec == spec])
         summary = stream.stats.summary()
-        lines = stream_lines(summary, settings, stream)
+        lines = stream.describe(summary)
         result = torch.stack([outputs[i] for i in range(frames.shape[0])])
         return {"ui": {STATS_KEY: [{"lines": lines, "summary": lines[0], "stream": summary}]},
                 "result": (result, "\n".join(lines))}
 
 
-def stream_lines(summary: dict, settings: StreamSettings, stream) -> list[str]:
-    """What the node's badge and STRING output say about a stream."""
-    p50, p95 = summary["latency_p50_s"], summary["latency_p95_s"]
-    lines = [f"{summary['frames_out']} frames  |  {summary['fps']:.2f} fps  |  latency p50 "
-             f"{p50 if p50 is None else round(p50, 3)} s, p95 {p95 if p95 is None else round(p95, 3)} s",
-             f"{settings.steps} steps ({stream.kind}), guidance {stream.guidance}, "
-             + ("stream batch" if settings.stream_batch else "frame by frame")
-             + f"  |  {summary['unet_calls']} UNet calls"]
-    if settings.similarity_filter:
-        lines.append(f"similarity filter: {summary['skipped']} of {summary['frames_in']} frames skipped")
-    return lines
-
-
-__all__ = ["SDAccelStream", "stream_lines"]
+__all__ = ["SDAccelStream"]

@@ -74,17 +74,22 @@ def _wait(predicate, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
-def test_two_processes_build_once_and_nobody_sees_half_a_build(real_library, tmp_path):
+def _build_command(real_library, tmp_path):
+    """(the final build folder, the file each compile is recorded in, the command of one building process)."""
     spec, record = _spec(tmp_path), tmp_path / "compiles"
-    folder = Path(spec["folder"])
     command = [sys.executable, str(_script(tmp_path)), json.dumps(spec), str(real_library), str(record)]
+    return Path(spec["folder"]), record, command
+
+
+def test_two_processes_build_once_and_nobody_sees_half_a_build(real_library, tmp_path):
+    folder, record, command = _build_command(real_library, tmp_path)
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     _wait(record.exists)
     second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)  # waits on the lock file
     time.sleep(1.0)
     assert not folder.exists()  # a build in progress is in a private folder: the final one is absent or whole
     assert list(folder.parent.glob(".key.build-*"))
-    Path(spec["folder"] + ".go").write_text("")
+    Path(str(folder) + ".go").write_text("")
     outputs = [first.communicate(timeout=60)[0].split(), second.communicate(timeout=60)[0].split()]
     assert sorted(outputs) == [["False"], ["True"]]  # one built, the other found it built
     assert len(record.read_text().splitlines()) == 1
@@ -100,15 +105,13 @@ def native_build_library(folder):
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
 def test_a_killed_build_leaves_nothing_that_blocks_the_next(real_library, tmp_path):
-    spec, record = _spec(tmp_path), tmp_path / "compiles"
-    folder = Path(spec["folder"])
-    command = [sys.executable, str(_script(tmp_path)), json.dumps(spec), str(real_library), str(record)]
+    folder, record, command = _build_command(real_library, tmp_path)
     killed = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     _wait(record.exists)
     killed.send_signal(signal.SIGKILL)  # a host killed mid-build: its OS lock goes with it
     killed.wait(timeout=30)
     assert list(folder.parent.glob(".key.build-*")) and not folder.exists()
-    Path(spec["folder"] + ".go").write_text("")
+    Path(str(folder) + ".go").write_text("")
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True"], done.stderr[-2000:]
     assert native_build_library(folder) is not None and not list(folder.parent.glob(".key.build-*"))

@@ -140,9 +140,7 @@ def _diffusers_row(settings: StreamBenchSettings, cache, say) -> dict:
     prepared = cache.prepare(PipelineSpec(model=_model(settings), device=settings.device), strict=True)
     pipe = prepared.pipe
     cls = StableDiffusionXLImg2ImgPipeline if prepared.family.is_xl else StableDiffusionImg2ImgPipeline
-    components = {k: v for k, v in pipe.components.items() if k in cls._get_signature_keys(cls)[0]}
-    components["scheduler"] = make_scheduler("euler", prepared.loaded.scheduler_config, turbo=True)
-    img2img = cls(**components)
+    img2img = cls.from_pipe(pipe, scheduler=make_scheduler("euler", prepared.loaded.scheduler_config, turbo=True))
     img2img.set_progress_bar_config(disable=True)
     total_steps = max(settings.steps, round(settings.steps / settings.strength))
     clip = synthetic_clip(settings.warmup + settings.frames, settings.size)

@@ -134,25 +134,8 @@ def cmd_stream(args) -> int:
     finally:
         bar.close()
         sink.close()
-    print(_summary_line(summary, settings, stream))
+    print("; ".join(stream.describe(summary)))
     return 130 if summary["interrupted"] else 0
-
-
-def _summary_line(summary: dict, settings: StreamSettings, stream) -> str:
-    p50, p95 = summary["latency_p50_s"], summary["latency_p95_s"]
-    parts = [f"{summary['frames_out']} frames out of {summary['frames_in']} in", f"{summary['fps']:.2f} fps",
-             f"latency p50 {p50:.3f} s, p95 {p95:.3f} s" if p50 is not None else "no latency measured",
-             f"{settings.steps} steps ({stream.kind}), guidance {stream.guidance}",
-             "stream batch" if settings.stream_batch else "frame by frame"]
-    if settings.similarity_filter:
-        parts.append(f"{summary['skipped']} skipped as similar")
-    if summary["dropped"]:
-        parts.append(f"{summary['dropped']} dropped (queue full)")
-    if summary["errors"]:
-        parts.append(f"{summary['errors']} bad frames")
-    if summary["interrupted"]:
-        parts.append("interrupted")
-    return "; ".join(parts)
 
 
 __all__ = ["add_stream_parser", "cmd_stream"]

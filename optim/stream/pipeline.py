@@ -158,6 +158,22 @@ class StreamPipeline:
             scopes.close()
         return False
 
+    def describe(self, summary: dict) -> list[str]:
+        """What a stream did (from `stats.summary()`, with the runner's dropped/errors/interrupted where present):
+        the lines the CLI prints and the ComfyUI node shows."""
+        s, p50, p95 = self.settings, summary["latency_p50_s"], summary["latency_p95_s"]
+        lines = [f"{summary['frames_out']} frames out of {summary['frames_in']} in, {summary['fps']:.2f} fps, "
+                 + (f"latency p50 {p50:.3f} s, p95 {p95:.3f} s" if p50 is not None else "no latency measured"),
+                 f"{s.steps} steps ({self.kind}), guidance {self.guidance}, "
+                 + ("stream batch" if s.stream_batch else "frame by frame") + f", {summary['unet_calls']} UNet calls"]
+        extras = [f"{summary['skipped']} skipped as similar" if s.similarity_filter else "",
+                  f"{summary['dropped']} dropped (queue full)" if summary.get("dropped") else "",
+                  f"{summary['errors']} bad frames" if summary.get("errors") else "",
+                  "interrupted" if summary.get("interrupted") else ""]
+        if any(extras):
+            lines.append(", ".join(extra for extra in extras if extra))
+        return lines
+
     # -- frames -----------------------------------------------------------------------------------------
 
     def encode_frame(self, frame):

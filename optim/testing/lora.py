@@ -21,7 +21,6 @@ def kohya_unet_lora(unet, path, *, rank: int = 4, seed: int = 0, scale: float = 
     convolution of the diffusers `unet`'s resnets and every attention query, so both conv and linear patching
     show in the image."""
     import torch
-    from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -35,10 +34,7 @@ def kohya_unet_lora(unet, path, *, rank: int = 4, seed: int = 0, scale: float = 
         tensors[f"{key}.lora_down.weight"] = down.half()
         tensors[f"{key}.lora_up.weight"] = up.half()
         tensors[f"{key}.alpha"] = torch.tensor(float(rank)).half()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
-    return path
+    return _save(tensors, path, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
 
 
 _ATTENTION_LAYERS = (".to_q", ".q_proj", ".to_out.0", ".out_proj")  # what real LoRAs adapt (diffusers'
@@ -52,16 +48,36 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
     `lora_te2_`), kohya's with the UNet's original layer names (`ldm`: `lora_unet_input_blocks_4_1_...`, as
     kohya's SDXL LoRAs are), or diffusers/PEFT's (`unet.<path>.lora_A.weight`); `alpha` None writes none."""
     import torch
-    from safetensors.torch import save_file
 
     from ..models.ldm_names import unet_key_to_ldm
 
     gen = torch.Generator().manual_seed(seed)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
-                    "text_encoder_2": "lora_te2_"}
     tensors = {}
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component, prefix, name, model, module, is_conv in _adapted_layers(pipe):
+        down, up = _factors(module, is_conv, rank, scale, gen)
+        if fmt in ("kohya", "ldm"):
+            layer = unet_key_to_ldm(name, model.config) if fmt == "ldm" and component == "unet" else name
+            key = prefix + layer.replace(".", "_")
+            names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
+        else:
+            key = f"{component}.{name}"
+            names = (f"{key}.lora_A.weight", f"{key}.lora_B.weight", f"{key}.alpha")
+        tensors[names[0]], tensors[names[1]] = down.half(), up.half()
+        if alpha is not None:
+            tensors[names[2]] = torch.tensor(float(alpha)).half()
+    return _save(tensors, path, {"ss_network_module": "networks.lora"} if fmt != "peft" else None)
+
+
+def _adapted_layers(pipe):
+    """(component, kohya prefix, the layer's name in LoRA files, its model, the module, whether a 3x3 conv) for the
+    layers real LoRAs adapt: the UNet's 3x3 resnet convolutions, attention query and output projections, and the
+    same projections of the text encoders (named with CLIP's `text_model.`, which transformers 5 dropped)."""
+    import torch
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+    for component, prefix in prefixes.items():
         model = getattr(pipe, component, None)
         if model is None:
             continue
@@ -70,22 +86,17 @@ def random_lora(pipe, path, *, fmt: str = "kohya", rank: int = 4, seed: int = 0,
             is_attention = isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_LAYERS)
             if not (is_conv or is_attention):
                 continue
-            down, up = _factors(module, is_conv, rank, scale, gen)
             if component != "unet" and not name.startswith("text_model."):
-                name = "text_model." + name  # the names LoRA files carry (transformers 5 dropped the wrapper)
-            if fmt in ("kohya", "ldm"):
-                layer = unet_key_to_ldm(name, model.config) if fmt == "ldm" and component == "unet" else name
-                key = kohya_prefix[component] + layer.replace(".", "_")
-                names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
-            else:
-                key = f"{component}.{name}"
-                names = (f"{key}.lora_A.weight", f"{key}.lora_B.weight", f"{key}.alpha")
-            tensors[names[0]], tensors[names[1]] = down.half(), up.half()
-            if alpha is not None:
-                tensors[names[2]] = torch.tensor(float(alpha)).half()
+                name = "text_model." + name
+            yield component, prefix, name, model, module, is_conv
+
+
+def _save(tensors: dict, path, metadata) -> Path:
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"} if fmt != "peft" else None)
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -121,33 +132,14 @@ def random_lycoris(pipe, path, *, kind: str = "loha", rank: int = 4, seed: int =
     convolutions, attention query and output projections, the text encoders' too); `tucker` gives the
     convolutions Tucker factors (`hada_t1`/`hada_t2`, `lokr_t2`)."""
     import torch
-    from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
-                "text_encoder_2": "lora_te2_"}
     tensors = {}
-    for component, prefix in prefixes.items():
-        model = getattr(pipe, component, None)
-        if model is None:
-            continue
-        for name, module in model.named_modules():
-            is_conv = isinstance(module, torch.nn.Conv2d) and ".resnets." in name and module.kernel_size == (3, 3)
-            is_attention = isinstance(module, torch.nn.Linear) and name.endswith(_ATTENTION_LAYERS)
-            if not (is_conv or is_attention):
-                continue
-            out, inp = module.weight.shape[:2]
-            if component != "unet" and not name.startswith("text_model."):
-                name = "text_model." + name
-            key = prefix + name.replace(".", "_")
-            for role, value in _lycoris_factors(kind, out, inp, 3 if is_conv else 1, rank, tucker, scale,
-                                                gen).items():
-                tensors[f"{key}.{role}"] = value.half()
-            if alpha is not None:
-                tensors[f"{key}.alpha"] = torch.tensor(float(alpha)).half()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args":
-                                            f'{{"algo": "{kind}"}}'})
-    return path
+    for _, prefix, name, _, module, is_conv in _adapted_layers(pipe):
+        out, inp = module.weight.shape[:2]
+        key = prefix + name.replace(".", "_")
+        for role, value in _lycoris_factors(kind, out, inp, 3 if is_conv else 1, rank, tucker, scale, gen).items():
+            tensors[f"{key}.{role}"] = value.half()
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha)).half()
+    return _save(tensors, path, {"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{kind}"}}'})
