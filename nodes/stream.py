@@ -87,7 +87,9 @@ class SDAccelStream:
         summary = stream.stats.summary()
         lines = stream.describe(summary)
         result = torch.stack([outputs[i] for i in range(frames.shape[0])])
-        return {"ui": {STATS_KEY: [{"lines": lines, "summary": lines[0], "stream": summary}]},
+        stats = {"lines": lines, "summary": lines[0], "stream": summary, "spec": spec.to_dict(),
+                 "settings": settings.to_dict()}  # what ran, so a workflow can be checked against its bench row
+        return {"ui": {STATS_KEY: [stats]},
                 "result": (result, "\n".join(lines))}
 
 

@@ -49,7 +49,9 @@ SDXL_LIGHTNING = Model("sdxl_lightning_4step.safetensors", "sdxl-base", 1024, 1.
                        "4-step checkpoint (ByteDance/SDXL-Lightning sdxl_lightning_4step.safetensors)")
 TAIYI = Model("diffusers/Taiyi-Stable-Diffusion-1B-Chinese-v0.1", "taiyi", 512, 7.0,
               "Taiyi-Stable-Diffusion-1B-Chinese-v0.1 (a diffusers folder in models/diffusers, or a single file)")
-MODELS = {m.ckpt_name: m for m in (SD15, SDXL, SDXL_REFINER, TAIYI, SDXL_LIGHTNING)}
+SD_TURBO = Model("sd_turbo.safetensors", "sd-turbo", 512, 0.0, "SD-Turbo (stabilityai/sd-turbo, sd_turbo.safetensors; "
+                 "or SD 1.5 with an LCM-LoRA through an SDAccel LoRA node)", tiny_vae="taesd_decoder.pth")
+MODELS = {m.ckpt_name: m for m in (SD15, SDXL, SDXL_REFINER, TAIYI, SDXL_LIGHTNING, SD_TURBO)}
 _PRESET_MODELS = {"lightning": SDXL_LIGHTNING}
 _LORA_HINT = {"lcm-lora-sdv1-5.safetensors": "the LCM-LoRA for SD 1.5 (latent-consistency/lcm-lora-sdv1-5, saved as "
               "lcm-lora-sdv1-5.safetensors) in models/loras",
@@ -120,6 +122,11 @@ def plans() -> list[Plan]:
     return out
 
 
+def _input(name: str, kind: str, widget: bool = False) -> dict:
+    """A node's input slot; `widget`: a widget turned into an input (its value comes over the link)."""
+    return {"name": name, "type": kind, "link": None, **({"widget": {"name": name}} if widget else {})}
+
+
 class _Graph:
     """Accumulates nodes and links in ComfyUI's UI (LiteGraph) workflow format."""
 
@@ -132,7 +139,7 @@ class _Graph:
         node_id = len(self.nodes) + 1
         node = {"id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0,
-                "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+                "inputs": [_input(*i) for i in inputs],
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
                 "properties": {"Node name for S&R": node_type}, "widgets_values": widgets_values}
         if title:
@@ -421,6 +428,101 @@ def build_native(plan: NativePlan) -> dict:
     return graph.workflow()
 
 
+# -- Stream graphs: a video's frames through SDAccel Stream, as `bench stream`'s rows run them ---------------------
+STREAM_PREFIX = "stream-"
+VIDEO_NAME = "your_video.mp4"  # a placeholder: the user picks (or uploads) a video in Load Video
+STREAM_CORE_NODES = {
+    "LoadVideo": ((), (("VIDEO", "VIDEO"),)),
+    "GetVideoComponents": ((("video", "VIDEO"),), (("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT"))),
+    "CreateVideo": ((("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT", True)), (("VIDEO", "VIDEO"),)),
+    "SaveVideo": ((("video", "VIDEO"),), ()),
+}
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A stream graph: the `bench stream` row (its toggles and settings) it reproduces on a video."""
+
+    name: str
+    variant: str  # a row of optim/bench/stream.py
+    description: str
+
+
+def stream_plans() -> list[StreamPlan]:
+    batch = ("A video's frames through SD-Turbo with Stream Batch: one UNet call advances every frame in flight; the "
+             "prompt, the noise and the scheduler's coefficients are computed once")
+    return [StreamPlan("batch", "stream-batch", batch),
+            StreamPlan("tiny-vae", "tiny-vae", batch + ". The Tiny VAE (TAESD) encodes and decodes each frame: far "
+                       "faster frames, slightly softer"),
+            StreamPlan("openvino", "openvino", batch + ". The Tiny VAE, and the UNet compiled by OpenVINO for the "
+                       "CPU: the same frames within fp32 rounding, a pause to convert on the first run")]
+
+
+def stream_settings(plan: StreamPlan) -> dict:
+    """The SDAccel Stream node's values: `bench stream`'s settings for the row (its size is the video's)."""
+    from sdaccel.optim.bench.stream import VARIANTS, StreamBenchSettings
+
+    bench = StreamBenchSettings()
+    return {"prompt": bench.prompt, "negative_prompt": "", "steps": bench.steps, "strength": bench.strength,
+            "cfg_mode": "none", "cfg": 0.0, "seed": 0, **VARIANTS[plan.variant].changes}
+
+
+def build_stream(plan: StreamPlan) -> dict:
+    from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
+    from sdaccel.nodes.toggles import node_id
+    from sdaccel.optim.bench.stream import VARIANTS
+
+    variant = VARIANTS[plan.variant]
+    graph = _Graph()
+
+    def core(node_type, values, pos, size, title=None):
+        links, outputs = STREAM_CORE_NODES[node_type]
+        return graph.add(node_type, values, pos=pos, size=size, inputs=links, outputs=outputs, title=title)
+
+    x, y = 40, 240
+    pipe = _loader(graph, mappings, SD_TURBO, (x, y))
+    vae_files = []
+    for kind, fields in variant.optimizations:
+        cls = mappings[node_id(kind)]
+        values = user_values(kind, fields, SD_TURBO)
+        if kind == "vae":
+            vae_files.append(values["path"])
+        x += 380
+        toggle = graph.add(node_id(kind), widget_values(cls, values), pos=(x, y),
+                           size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
+                           outputs=_outputs(cls))
+        graph.link(pipe, 0, toggle, 0)
+        pipe = toggle
+    video = core("LoadVideo", [VIDEO_NAME, "image"], (40, y + 260), (320, 360), title="Your video")
+    frames = core("GetVideoComponents", [], (40, y + 660), (320, 90))
+    graph.link(video, 0, frames, 0)
+    cls = mappings["SDAccelStream"]
+    x += 380
+    stream = graph.add("SDAccelStream", widget_values(cls, stream_settings(plan)), pos=(x, y), size=(400, 520),
+                       inputs=_links_in(cls), outputs=_outputs(cls))
+    graph.link(pipe, 0, stream, 0)
+    graph.link(frames, 0, stream, 1)
+    create = core("CreateVideo", [30.0], (x + 440, y), (300, 100))
+    graph.link(stream, 0, create, 0)
+    graph.link(frames, 2, create, 2)  # the source's frame rate
+    save = core("SaveVideo", [f"sdaccel/{STREAM_PREFIX}{plan.name}", "auto", "auto"], (x + 440, y + 140),
+                (400, 440))
+    graph.link(create, 0, save, 0)
+    needs = [_VAE_FILE_HINT[f] for f in vae_files] + (["openvino (pip install openvino)"]
+                                                      if any(k == "compile" for k, _ in variant.optimizations)
+                                                      else [])
+    lines = [f"SDAccel: stream, {plan.name}", "", plan.description.rstrip(".") + ".", "",
+             f"Reproduces the `{plan.variant}` row of `python -m sdaccel bench stream` on your video: "
+             f"{SD_TURBO.hint.split(' (')[0]}, Stream Batch, {stream_settings(plan)['steps']} steps per frame, "
+             f"strength {stream_settings(plan)['strength']}, no guidance; the frames keep the video's size "
+             f"(the benchmark's: {SD_TURBO.size}x{SD_TURBO.size}).",
+             f"To run: pick {SD_TURBO.hint} in the loader and a video in Load Video"
+             + (f"; needs {', '.join(needs)}" if needs else "") + ". The stream node shows frames per second, "
+             "latency and skipped frames after a run; compare them with the stream-batch workflow's."]
+    graph.add("Note", ["\n".join(lines)], pos=(40, 20), size=(720, 180), extra={"color": "#432", "bgcolor": "#653"})
+    return graph.workflow()
+
+
 def note_text(plan: Plan, vae_files: list[str]) -> str:
     if plan.ensemble:
         pick = f"{plan.model.hint} in the base loader and {SDXL_REFINER.hint} in the refiner loader"
@@ -452,6 +554,10 @@ def main() -> None:
     for plan in native_plans():
         path = OUT_DIR / f"{NATIVE_PREFIX}{plan.name}.json"
         path.write_text(dumps(build_native(plan)), encoding="utf-8")
+        wanted.add(path.name)
+    for plan in stream_plans():
+        path = OUT_DIR / f"{STREAM_PREFIX}{plan.name}.json"
+        path.write_text(dumps(build_stream(plan)), encoding="utf-8")
         wanted.add(path.name)
     for stale in OUT_DIR.glob("*.json"):
         if stale.name not in wanted:

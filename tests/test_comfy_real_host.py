@@ -21,8 +21,8 @@ from comfy_host import load_workflow
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "example_workflows"
 ALL_WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
-WORKFLOWS = [p for p in ALL_WORKFLOWS if not p.stem.startswith(examples.NATIVE_PREFIX)]  # KSampler ones: see
-# tests/test_comfy_model_patches.py
+WORKFLOWS = [p for p in ALL_WORKFLOWS  # KSampler ones: see tests/test_comfy_model_patches.py; stream ones: below
+             if not p.stem.startswith((examples.NATIVE_PREFIX, examples.STREAM_PREFIX))]
 TEST_SIZE, TEST_STEPS = 64, 3
 
 pytestmark = pytest.mark.skipif(not comfy_host.COMFYUI_PATH, reason=comfy_host.SKIP_REASON)
@@ -41,10 +41,36 @@ def _write_lora(models: Path) -> None:
         random_lora(pipe, models / "loras" / name)
 
 
+VIDEO_FRAMES, VIDEO_SIZE = 6, 64
+
+
+def _write_video(path: Path) -> None:
+    """A short clip in ComfyUI's input folder under the name the stream workflows' Load Video holds."""
+    import av
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (VIDEO_SIZE, VIDEO_SIZE * 2, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=12)
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        for i in range(VIDEO_FRAMES):  # a pattern sliding sideways
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[:, i * 4:i * 4 + VIDEO_SIZE]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _write_extra(models: Path) -> None:
+    _write_lora(models)
+    _write_video(models.parent / "input" / examples.VIDEO_NAME)
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     models = {name: model.family for name, model in examples.MODELS.items()}
-    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-base"), models, write_extra=_write_lora)
+    yield from comfy_host.start_server(tmp_path_factory.mktemp("comfy-base"), models, write_extra=_write_extra)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +198,45 @@ def test_example_workflow_runs_and_reproduces_its_bench_preset(comfy, frontend, 
     assert stats["request"]["width"] == TEST_SIZE and stats["request"]["steps"] == TEST_STEPS
     comfy.timings[path.stem] = {"wall_s": round(seconds, 2), "run_s": stats["total_s"], "toggles": stats["toggles"],
                                 "notes": stats["notes"]}
+
+
+@pytest.mark.parametrize("plan", examples.stream_plans(), ids=lambda p: p.name)
+def test_stream_workflow_streams_a_video_as_its_bench_row_does(comfy, frontend, plan):
+    """Core Load Video -> Get Video Components -> SDAccel Stream -> Create Video -> Save Video in the real ComfyUI:
+    one output frame per input frame at the video's size, and the spec and settings `bench stream`'s row runs."""
+    import av
+    from sdaccel.optim.bench.stream import VARIANTS
+    from sdaccel.optim.spec.optimization import config_class
+    from sdaccel.optim.spec.pipeline import PipelineSpec
+    from sdaccel.optim.stream.settings import StreamSettings
+
+    prompt = frontend.prompt(load_workflow(EXAMPLES / f"{examples.STREAM_PREFIX}{plan.name}.json"))
+    entry, seconds = comfy.run(prompt)
+    status = entry["status"]
+    assert status["status_str"] == "success", json.dumps(status["messages"], indent=1)[-4000:]
+    stats = entry["outputs"][_node(prompt, "SDAccelStream")]["sdaccel_stats"][0]
+    summary = stats["stream"]
+    assert summary["frames_in"] == summary["frames_out"] == VIDEO_FRAMES and summary["fps"] > 0, summary
+    assert stats["summary"] and any("fps" in line for line in stats["lines"]), stats["lines"]
+
+    ran = PipelineSpec.from_dict(stats["spec"])
+    spec = PipelineSpec(model=ran.model, device=ran.device)
+    assert Path(ran.model.path).name == examples.SD_TURBO.ckpt_name
+    for kind, fields in VARIANTS[plan.variant].optimizations:
+        config = config_class(kind)(**fields)
+        if kind == "vae":  # the bench's random Tiny VAE is the file the user downloads
+            assert Path(ran.optimization("vae").path).name == examples.SD_TURBO.tiny_vae
+            config = config.with_(path=ran.optimization("vae").path)
+        spec = spec.with_optimization(config)
+    assert ran == spec
+    expected = StreamSettings(width=VIDEO_SIZE, height=VIDEO_SIZE, **examples.stream_settings(plan))
+    assert StreamSettings.from_dict(stats["settings"]) == expected
+
+    saved = entry["outputs"][_node(prompt, "SaveVideo")]["images"][0]
+    with av.open(str(comfy.base / "output" / saved["subfolder"] / saved["filename"])) as video:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in video.decode(video=0)]
+    assert len(decoded) == VIDEO_FRAMES and decoded[0].shape == (VIDEO_SIZE, VIDEO_SIZE, 3)
+    comfy.timings[f"{examples.STREAM_PREFIX}{plan.name}"] = {"wall_s": round(seconds, 2), "fps": summary["fps"]}
 
 
 def test_lora_node_offers_models_loras_and_the_sampler_merges_it(comfy, frontend, object_info):

@@ -27,6 +27,8 @@ def test_shipped_workflows_are_the_generated_ones():
     generated = {f"{p.name}.json": examples.build(p) for p in examples.plans()}
     generated.update({f"{examples.NATIVE_PREFIX}{p.name}.json": examples.build_native(p)
                       for p in examples.native_plans()})
+    generated.update({f"{examples.STREAM_PREFIX}{p.name}.json": examples.build_stream(p)
+                      for p in examples.stream_plans()})
     assert sorted(generated) == [p.name for p in WORKFLOWS], REGENERATE
     for name, workflow in generated.items():
         shipped = (EXAMPLES / name).read_text(encoding="utf-8")
@@ -39,6 +41,23 @@ def test_ksampler_workflows_cover_every_model_patch_and_a_lora():
     patches = {name for name, cls in NODE_CLASS_MAPPINGS.items() if cls.CATEGORY == "sdaccel/model_patches"}
     assert patches and patches <= used and {"KSampler", "LoraLoader", "CheckpointLoaderSimple"} <= used
     assert not used & {"SDAccelLoader", "SDAccelSampler"}  # ComfyUI's own model and sampler only
+
+
+def test_stream_workflows_run_bench_streams_rows_on_a_loaded_video():
+    from sdaccel.optim.bench.stream import TURBO_VARIANTS, VARIANTS
+
+    for plan in examples.stream_plans():
+        workflow = load_workflow(EXAMPLES / f"{examples.STREAM_PREFIX}{plan.name}.json")
+        types = [node["type"] for node in workflow["nodes"]]
+        assert plan.variant in TURBO_VARIANTS and VARIANTS[plan.variant].changes is not None  # a stream row
+        assert {"SDAccelLoader", "LoadVideo", "GetVideoComponents", "SDAccelStream", "CreateVideo",
+                "SaveVideo"} <= set(types)
+        toggles = {node_id(kind) for kind, _ in VARIANTS[plan.variant].optimizations}
+        assert toggles == set(types) & {node_id(kind) for kind in all_units()}, plan.name
+        create = next(n for n in workflow["nodes"] if n["type"] == "CreateVideo")
+        fps = next(i for i in create["inputs"] if i["name"] == "fps")
+        source = next(link for link in workflow["links"] if link[0] == fps["link"])
+        assert types[source[1] - 1] == "GetVideoComponents" and source[2] == 2  # the video's own frame rate
 
 
 def test_every_preset_every_toggle_and_taiyi_have_a_workflow():
@@ -62,16 +81,17 @@ def test_workflow_is_well_formed_ui_format(path):
     assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] == max(nodes)
     notes = [n for n in nodes.values() if n["type"] in NOTE_NODES]
     assert len(notes) == 1 and "Reproduces" in notes[0]["widgets_values"][0]
-    assert sum(n["type"] == "SaveImage" for n in nodes.values()) == 1
+    assert sum(n["type"] in ("SaveImage", "SaveVideo") for n in nodes.values()) == 1
     for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
         assert nodes[src]["outputs"][src_slot]["type"] == kind and link_id in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["type"] == kind and nodes[dst]["inputs"][dst_slot]["link"] == link_id
     for node in nodes.values():
         if node["type"] in NOTE_NODES or node["type"] == "SaveImage":
             continue
-        if node["type"] in examples.CORE_NODES:  # ComfyUI's own nodes: their widgets are checked by its page
-            links, outputs = examples.CORE_NODES[node["type"]]
-            assert [i["name"] for i in node["inputs"]] == [name for name, _ in links]
+        core = {**examples.CORE_NODES, **examples.STREAM_CORE_NODES}
+        if node["type"] in core:  # ComfyUI's own nodes: their widgets are checked by its page
+            links, outputs = core[node["type"]]
+            assert [i["name"] for i in node["inputs"]] == [name for name, *_ in links]
             assert [o["type"] for o in node["outputs"]] == [kind for _, kind in outputs]
             continue
         types = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from sdaccel.optim.spec.errors import SDAccelError
 from sdaccel.optim.spec.pipeline import GenerationRequest, PipelineSpec
 from sdaccel.optim.stream.frames import load_frame
 from sdaccel.optim.stream.pipeline import StreamPipeline
@@ -123,6 +124,24 @@ def test_stop_ends_the_job_and_a_settings_change_restarts_it(live, spec):
     assert not live.active and not live.restart(spec, settings(seed=6))  # nothing runs: nothing to restart
     live.feed(frames(1)[0])
     assert second.frames.dropped == 0 and len(second.frames) == 0  # a stopped stream queues nothing
+
+
+def test_a_control_change_applies_only_its_own_field_even_when_it_arrives_late(live, spec):
+    """The page sends each control's own value: a width event that reaches the server after Start (it left the
+    page while the height still had its old value) must not bring that old height back."""
+    first = live.start(spec, settings(width=SIZE, height=SIZE, steps=2))
+    until(lambda: first.stream is not None, "the stream to run")
+    assert not live.change("width", float(SIZE)), "a value already in force must not restart the stream"
+    assert live.change("steps", 1.0)
+    second = live.current
+    assert (second.settings.width, second.settings.height, second.settings.steps) == (SIZE, SIZE, 1)
+    with pytest.raises(SDAccelError, match="StreamSettings.height"):
+        live.change("height", 100)  # not a multiple of 8: named, and the stream goes on unchanged
+    assert live.current is second and live.active
+    with pytest.raises(KeyError, match="queue_policy"):
+        live.change("queue_policy", "block")  # not a live control
+    live.stop()
+    assert not live.change("steps", 3.0), "nothing runs: nothing to change"
 
 
 def test_a_generation_waits_for_the_live_stream_and_the_stream_for_a_generation(live, service, spec):
@@ -260,7 +279,12 @@ def start_live(page) -> str:
     page.locator("#sdaccel_live_output img").first.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
     page.wait_for_function("() => /running: .* out/.test(document.querySelector('#sdaccel_live_readout')"
                            "?.innerText || '')", timeout=sdaccel_page.TIMEOUT_MS)
-    return page.locator("#sdaccel_live_readout").first.inner_text()
+    return readout(page)
+
+
+def readout(page) -> str:
+    """The readout's line (while an event runs, gradio draws its timer, "0.0s", above it)."""
+    return page.locator("#sdaccel_live_readout").first.inner_text().strip().splitlines()[-1]
 
 
 @browser

@@ -4,7 +4,8 @@ The stream runs as ONE job in the session's generation queue, so a txt2img never
 the prepared pipeline (`cache.use(spec)`) and a StreamPipeline, and takes frames from a small drop-the-oldest
 FrameQueue until it is stopped or interrupted. The webcam's stream handler only checks a frame into that queue
 (a bad frame is reported and the stream goes on) and returns the newest image. Start submits the job, Stop ends
-it, and a settings change while it runs replaces it by a job with the new settings. One live stream per server:
+it, and a settings change while it runs replaces it by a job with that one setting changed (each control sends
+only its own value: an event that arrives late carries no stale copy of the others). One live stream per server:
 a second browser pressing Start takes it over. Plain Python up to `build_live` (gradio only there).
 """
 
@@ -107,6 +108,7 @@ class LiveStream:
         self.service = service
         self.cache = cache
         self._lock = threading.Lock()
+        self._changing = threading.Lock()  # two controls changed at once: both changes land
         self._run: LiveRun | None = None
 
     @property
@@ -137,6 +139,21 @@ class LiveStream:
             return False
         self.start(spec, settings)
         return True
+
+    def change(self, name: str, value) -> bool:
+        """Apply one stream setting (a control's raw value) to an active stream: a new job with only that field
+        changed. False when nothing runs or the value is already in force; a bad value is a ConfigError naming
+        the field, and the stream goes on unchanged."""
+        from dataclasses import replace
+
+        info = next((i for i in live_fields() if i.name == name), None)
+        if info is None:
+            raise KeyError(f"no live stream setting named {name!r}")
+        with self._changing:
+            run = self._run
+            if not self.active:
+                return False
+            return self.restart(run.spec, replace(run.settings, **{name: value_of(info, value)}))
 
     def stop(self, timeout: float = 10.0) -> LiveRun | None:
         """End the stream; waits up to `timeout` for a running job to leave its loop."""
@@ -255,14 +272,24 @@ def build_live(gr, session, *, checkpoint, family, live: LiveStream | None = Non
         live.stop()
         return live.readout()
 
-    def on_change(*values):
+    def on_spec_change(checkpoint_title, family_name, tiny):
         if not live.active:
             return gr.update()
         try:
-            live.restart(*job_args(values))
+            live.restart(live_spec(session, checkpoint_title, family_name, tiny), live.current.settings)
         except (SDAccelError, QueueFull) as exc:
             return f"**Error:** {exc} (the stream goes on with its earlier settings)"
         return live.readout()
+
+    def on_setting_change(name):
+        def on_change(value):
+            try:
+                if not live.change(name, value):
+                    return gr.update()
+            except (SDAccelError, QueueFull) as exc:
+                return f"**Error:** {exc} (the stream goes on with its earlier settings)"
+            return live.readout()
+        return on_change
 
     def on_frame(image):
         latest = live.feed(image) if image is not None else None
@@ -271,10 +298,11 @@ def build_live(gr, session, *, checkpoint, family, live: LiveStream | None = Non
     inputs = [checkpoint, family, tiny_vae, *settings]
     start.click(fn=on_start, inputs=inputs, outputs=[readout])
     stop.click(fn=on_stop, inputs=None, outputs=[readout])
-    for component in (tiny_vae, *settings):
+    tiny_vae.blur(fn=on_spec_change, inputs=[checkpoint, family, tiny_vae], outputs=[readout])
+    for name, component in zip(names, settings):
         event = getattr(component, "release", None) or component.change  # a slider restarts once, on release
-        (component.blur if isinstance(component, gr.Textbox) else event)(fn=on_change, inputs=inputs,
-                                                                          outputs=[readout])
+        (component.blur if isinstance(component, gr.Textbox) else event)(
+            fn=on_setting_change(name), inputs=[component], outputs=[readout])
     camera.stream(fn=on_frame, inputs=[camera], outputs=[output, readout], stream_every=STREAM_EVERY_S,
                   time_limit=None, concurrency_limit=1)
     return live
