@@ -17,6 +17,8 @@ class Setting:
     default: object
     label: str
     slider: tuple | None = None  # (minimum, maximum, step) for a number
+    choices: tuple | None = None  # the values of a radio
+    help: str = ""  # the help line, when no engine field gives one
     field: tuple | None = None  # (config class path, field name): its tooltip is the setting's help line
 
 
@@ -26,6 +28,11 @@ SETTINGS = (
             (0, 8192, 64), ("winograd", "filter_cache_mb")),
     Setting("sdaccel_console_stats", True,
             "SDAccel: print what the accordion's units did after each generation to the console"),
+    Setting("sdaccel_tab_host_model", "auto", "SDAccel tab: the host's own model while the tab generates",
+            choices=("auto", "keep", "one-at-a-time"),
+            help="keep: both stay loaded (no reloads, a second copy of the weights); one-at-a-time: the tab unloads "
+                 "the host's model and the host's next generation releases the tab's pipeline before reloading it; "
+                 "auto: one-at-a-time only when the tab's pipeline would not fit in the memory free now"),
 )
 _DEFAULTS = {s.key: s.default for s in SETTINGS}
 
@@ -40,10 +47,13 @@ def register() -> None:
             low, high, step = setting.slider
             info = shared.OptionInfo(setting.default, setting.label, gr.Slider,
                                      {"minimum": low, "maximum": high, "step": step}, section=SECTION)
+        elif setting.choices:
+            info = shared.OptionInfo(setting.default, setting.label, gr.Radio, {"choices": list(setting.choices)},
+                                     section=SECTION)
         else:
             info = shared.OptionInfo(setting.default, setting.label, section=SECTION)
-        if setting.field:
-            info = info.info(_tooltip(*setting.field))
+        if setting.field or setting.help:
+            info = info.info(_tooltip(*setting.field) if setting.field else setting.help)
         shared.opts.add_option(setting.key, info)
 
 

@@ -1,11 +1,9 @@
 """The SDAccel tab inside A1111/Forge (`script_callbacks.on_ui_tabs`): the standalone web UI's Blocks over the
 host's checkpoint folder, with one queue of its own.
 
-Memory: the tab runs the engine's own pipeline beside the host's loaded model (both in RAM on a CPU; on a GPU the
-engine's offload toggles apply to its pipeline only). The host's model is left loaded, so neither side reloads;
-the price is a second copy of the weights (SD 1.5 fp32: +4.48 GB in A1111's and in Forge's process, measured by
-tests/test_webui_hosts.py into results/). A machine without room for two models should use the accordion (which
-works on the host's own model) or `python -m sdaccel webui` on its own.
+Memory: the tab runs the engine's own pipeline, beside the host's loaded model or instead of it, as the
+`sdaccel_tab_host_model` setting says (`host_memory.py`: keep both, one at a time, or auto: one at a time when
+both do not fit; measured by tests/test_webui_hosts.py into results/).
 """
 
 from __future__ import annotations
@@ -52,5 +50,8 @@ def build_tab():
     from ..webui.catalog import ModelCatalog
     from ..webui.session import WebSession
 
+    from .host_memory import tab_job_scope
+
     session = WebSession(ModelCatalog(host_checkpoint_folders()), lora_folders=host_lora_folders())
+    session.service.job_scope = tab_job_scope(session)
     return [(build_blocks(session), "SDAccel", TAB_ID)]

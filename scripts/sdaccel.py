@@ -29,7 +29,7 @@ def _pack():
 
 
 _pack()
-from sdaccel.extension import accordion, settings  # noqa: E402
+from sdaccel.extension import accordion, host_memory, settings  # noqa: E402
 from sdaccel.extension.tab import build_tab  # noqa: E402
 
 script_callbacks.on_ui_tabs(build_tab)
@@ -53,6 +53,9 @@ class SDAccelScript(scripts.Script):
 
     def ui(self, is_img2img):
         return accordion.build_ui(gr, self, is_img2img)
+
+    def before_process(self, p, *args):
+        host_memory.host_generation_starts()  # before the host (re)loads its model: the tab's memory back
 
     def process(self, p, *args):
         self.run.remove(p)

@@ -68,3 +68,88 @@ def test_install_adds_a_missing_requirement_in_its_floors_series():
     assert floor("diffusers", "0.31") == "diffusers~=0.31.0"
     assert floor("accelerate", "0.21") == "accelerate~=0.21.0"
     assert floor("numpy", "2") == "numpy~=2.0.0"
+
+
+# -- the tab's pipeline and the host's model (extension/host_memory.py) ------------------------------------------
+
+def test_the_memory_setting_decides_when_the_host_model_is_unloaded():
+    from sdaccel.extension.host_memory import HEADROOM, MODES, decide
+
+    assert MODES == ("auto", "keep", "one-at-a-time")
+    gb = 2**30
+    assert not decide("keep", needed=20 * gb, available=1 * gb)  # keep: never, even when it cannot fit
+    assert decide("one-at-a-time", needed=0, available=100 * gb)  # always, even when both fit
+    assert not decide("auto", needed=4 * gb, available=int(4 * gb * HEADROOM) + 1)
+    assert decide("auto", needed=4 * gb, available=int(4 * gb * HEADROOM) - 1)
+    assert not decide("auto", needed=0, available=0)  # the tab's pipeline already loaded: nothing to make room for
+    with pytest.raises(ValueError, match="sdaccel_tab_host_model: 'both'"):
+        decide("both", needed=0, available=0)
+
+
+def test_the_pipeline_estimate_reads_the_checkpoint_header(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from sdaccel.extension.host_memory import weights_bytes
+
+    tensors = {"model.diffusion_model.w": torch.zeros(10, 20, dtype=torch.float16),
+               "first_stage_model.b": torch.zeros(30, dtype=torch.bfloat16),
+               "model_ema.decay": torch.zeros(1000, dtype=torch.float16),  # an EMA copy is not loaded
+               "cond_stage_model.position_ids": torch.zeros(77, dtype=torch.int64)}  # not a weight
+    single = tmp_path / "model.safetensors"
+    save_file(tensors, str(single))
+    assert weights_bytes(single, "cpu") == (200 + 30) * 4  # fp32 on a CPU, whatever the file stores
+    assert weights_bytes(single, "cuda") == (200 + 30) * 2
+    folder = tmp_path / "diffusers" / "unet"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(100, dtype=torch.float16)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    size = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert weights_bytes(tmp_path / "diffusers", "cpu") == 2 * size
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"x" * 1234)
+    assert weights_bytes(pickle, "cpu") == 1234
+
+
+def test_a_job_scope_wraps_every_job_and_its_error_fails_only_that_job():
+    import contextlib
+
+    from sdaccel.webui.service import GenerationService
+
+    events = []
+
+    @contextlib.contextmanager
+    def scope(job):
+        events.append(("enter", job.label))
+        if job.label == "refused":
+            raise RuntimeError("no room")
+        try:
+            yield
+        finally:
+            events.append(("exit", job.label))
+
+    service = GenerationService(queue_size=4, job_scope=scope)
+    try:
+        ok = service.submit(lambda progress, interrupted: events.append(("work", "a")) or 1, label="a")
+        refused = service.submit(lambda progress, interrupted: events.append(("work", "refused")), label="refused")
+        failing = service.submit(lambda progress, interrupted: 1 / 0, label="failing")
+        after = service.submit(lambda progress, interrupted: 2, label="after")
+        assert ok.future.result(30) == 1 and after.future.result(30) == 2
+        with pytest.raises(RuntimeError, match="no room"):
+            refused.future.result(30)
+        with pytest.raises(ZeroDivisionError):
+            failing.future.result(30)
+    finally:
+        service.close()
+    assert events == [("enter", "a"), ("work", "a"), ("exit", "a"), ("enter", "refused"), ("enter", "failing"),
+                      ("exit", "failing"), ("enter", "after"), ("exit", "after")]
+
+
+def test_weights_are_counted_once_per_tensor():
+    import torch
+    from sdaccel.extension.host_memory import tensor_bytes
+
+    shared = torch.nn.Linear(10, 10)  # 110 floats
+    tied = torch.nn.Sequential(shared, torch.nn.Linear(10, 5))  # + 55 floats
+    other = torch.nn.Sequential(shared)  # the same tensors again: counted once
+    gone = torch.nn.Linear(1000, 1000, device="meta")  # unloaded weights hold no memory
+    tied.register_buffer("scale", torch.ones(4, dtype=torch.float16))
+    assert tensor_bytes([tied, other, gone]) == (110 + 55) * 4 + 4 * 2

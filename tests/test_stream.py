@@ -115,6 +115,23 @@ def test_stream_batch_gives_each_frame_its_own_step_by_step_image(request, famil
     assert float((batched[0] - batched[1]).abs().max()) > 1e-3  # different frames, different images
 
 
+def test_sdxl_turbo_streams_with_its_added_conditioning(checkpoints):
+    """SDXL-Turbo (which StreamDiffusion itself does not run): its pooled text embeds and time ids go with every
+    row of the batch, so Stream Batch equals frame by frame, and the frames differ."""
+    from sdaccel.optim.run.cache import PipelineCache
+
+    prepared = PipelineCache(max_entries=1).prepare(PipelineSpec(model=checkpoints.get("sdxl-turbo")))
+    settings = StreamSettings(prompt="a lighthouse", width=SIZE, height=SIZE, steps=2, strength=0.6,
+                              cfg_mode="none", seed=2)
+    inputs = frames(4)
+    batched, stream = stream_images(prepared, settings, inputs)
+    one_by_one, _ = stream_images(prepared, settings.with_(stream_batch=False), inputs)
+    assert stream.kind == "turbo" and sorted(batched) == list(range(4))
+    for i in range(4):
+        assert float((batched[i] - one_by_one[i]).abs().max()) < 2e-4
+    assert float((batched[0] - batched[1]).abs().max()) > 1e-3
+
+
 def test_txt2img_stream_batch_equals_frame_by_frame(turbo):
     _, prepared = turbo
     settings = StreamSettings(prompt="a fox", width=SIZE, height=SIZE, steps=2, strength=1.0, cfg_mode="none",

@@ -56,20 +56,24 @@ def process_rss_mb(host) -> float:
     return round(httpx.get(host.url + "/sdapi/v1/memory", timeout=60).json()["ram"]["used"] / 2**20, 1)
 
 
-def record_memory(host, figures: dict) -> None:
-    """The tab-beside-the-host memory figures, printed and (with $SDACCEL_SCREENSHOT_DIR, e.g. results/) kept
-    as `<host>-tab-memory.json` for the README: measured, never asserted."""
+def record_memory(host, figures: dict, *, mode: str = "keep", what: str = "") -> None:
+    """The tab-and-host memory figures under the `sdaccel_tab_host_model` mode, printed and (with
+    $SDACCEL_SCREENSHOT_DIR, e.g. results/) kept as `<host>-tab-memory[-mode].json` for the README: measured,
+    never asserted."""
     import os
     from pathlib import Path
 
     report = {"host": host.host, "model": "SD 1.5 architecture, random weights (fp16 file, fp32 in RAM)",
-              "what": "the host process's RSS (its /sdapi/v1/memory) with its own model loaded, then after the "
-                      "SDAccel tab generated 64x64 with its own pipeline of the same checkpoint", **figures}
+              "sdaccel_tab_host_model": mode,
+              "what": what or "the host process's RSS (its /sdapi/v1/memory) with its own model loaded, then after "
+                              "the SDAccel tab generated 64x64 with its own pipeline of the same checkpoint",
+              **figures}
     print(json.dumps(report, indent=1))
     keep = os.environ.get("SDACCEL_SCREENSHOT_DIR")
     if keep:
+        name = f"{host.host}-tab-memory{'' if mode == 'keep' else '-' + mode}.json"
         Path(keep).mkdir(parents=True, exist_ok=True)
-        Path(keep, f"{host.host}-tab-memory.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        Path(keep, name).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 
 def new_log(host, since: int) -> str:
@@ -175,12 +179,16 @@ def test_deepcache_reuses_the_deep_features_between_full_steps(host):
     assert np.array_equal(again, plain)
 
 
-def test_settings_change_the_next_generation(host):
+def set_options(host, **values):
     import httpx
 
+    response = httpx.post(host.url + "/sdapi/v1/options", json=values, timeout=60)
+    assert response.status_code == 200, response.text[:1000]
+
+
+def test_settings_change_the_next_generation(host):
     def set_options(**values):
-        response = httpx.post(host.url + "/sdapi/v1/options", json=values, timeout=60)
-        assert response.status_code == 200, response.text[:1000]
+        globals()["set_options"](host, **values)
 
     set_options(sdaccel_console_stats=False)
     try:
@@ -216,6 +224,7 @@ def test_the_tab_in_the_hosts_page(host):
         tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
         tab.click()
         page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+        set_options(host, sdaccel_tab_host_model="keep")  # both loaded, whatever memory this machine has free
         txt2img(host)  # the host's model loaded, as a user who generated in txt2img first has it
         host_only = process_rss_mb(host)
         stats, size = sdaccel_page.generate(page)
@@ -225,11 +234,63 @@ def test_the_tab_in_the_hosts_page(host):
         txt2img(host)  # the host's own tab still generates beside the SDAccel tab's pipeline
         record_memory(host, {"host_model_loaded_rss_mb": host_only, "with_sdaccel_tab_pipeline_rss_mb": both,
                              "after_another_host_txt2img_rss_mb": process_rss_mb(host)})
+        set_options(host, sdaccel_tab_host_model="auto")
         sdaccel_page.keep_screenshot(page, f"{host.host}-tab.png")
         assert "of 200" in sdaccel_page.interrupt_long_generation(page, steps=200, size=128)
         assert sdaccel_page.generate_again(page).startswith("done")
         table, status = sdaccel_page.run_bench(page)  # the Bench sub-tab, on the host's checkpoint
         assert status.strip().startswith("done: 2 rows") and "channels-last" in table, (status, table)
+
+
+def test_one_model_at_a_time_unloads_the_hosts_model_while_the_tab_generates(host):
+    """`sdaccel_tab_host_model = one-at-a-time`: the tab's Generate unloads the host's model first, the host's
+    next txt2img releases the tab's pipeline and reloads its own model, and that model gives the same image."""
+    import os
+    import time
+
+    if not os.environ.get("SDACCEL_BROWSER"):
+        pytest.skip("set SDACCEL_BROWSER=1 to open the host's page in Debian's chromium (CI's host lane does)")
+    import sdaccel_page
+    from browser import browser_page
+
+    set_options(host, sdaccel_tab_host_model="one-at-a-time")
+    try:
+        before, _ = txt2img(host)  # the host's model loaded
+        start = time.perf_counter()
+        txt2img(host)
+        loaded_s = time.perf_counter() - start
+        host_only = process_rss_mb(host)
+        since = len(host.log_text())
+        with browser_page(viewport=(1400, 1800)) as page:
+            page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
+            tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
+            tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            tab.click()
+            page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            stats, size = sdaccel_page.generate(page, channels_last=False)
+        assert "sd15 txt2img 64x64x1" in stats and size == [64, 64], stats
+        unloaded = re.search(r"unloaded the host's model \(.*?, ([0-9.]+) GB of weights\)", new_log(host, since))
+        assert unloaded, new_log(host, since)[-3000:]
+        tab_only = process_rss_mb(host)
+        since = len(host.log_text())
+        start = time.perf_counter()
+        after, _ = txt2img(host)  # the host loads its model again, after the tab's pipeline is released
+        reload_s = time.perf_counter() - start
+        released = re.search(r"released the tab's pipeline \(1, ([0-9.]+) GB\)", new_log(host, since))
+        assert released, new_log(host, since)[-3000:]
+        assert np.array_equal(before, after), "the reloaded host model gave another image"
+        record_memory(host, {"host_model_loaded_rss_mb": host_only, "after_the_tab_generated_rss_mb": tab_only,
+                             "after_the_host_generated_again_rss_mb": process_rss_mb(host),
+                             "host_txt2img_model_loaded_s": round(loaded_s, 2),
+                             "host_txt2img_after_the_tab_s": round(reload_s, 2),
+                             "host_weights_unloaded_gb": float(unloaded.group(1)),
+                             "tab_pipeline_released_gb": float(released.group(1))},
+                      mode="one-at-a-time", what="the host process's RSS with its own model loaded, after the "
+                      "SDAccel tab generated 64x64 (the host's model unloaded first), and after the host's next "
+                      "txt2img (the tab's pipeline released, the host's model loaded again); the host's txt2img "
+                      "time (64x64, 4 steps) with its model loaded and right after the tab")
+    finally:
+        set_options(host, sdaccel_tab_host_model="auto")
 
 
 def test_read_generation_parameters_restores_the_accordion(host):

@@ -144,6 +144,37 @@ def test_a_control_change_applies_only_its_own_field_even_when_it_arrives_late(l
     assert not live.change("steps", 3.0), "nothing runs: nothing to change"
 
 
+def test_the_prompts_lora_tags_go_into_the_streams_pipeline(service, cache, checkpoints, tmp_path):
+    """An SD 1.5 stream with an LCM-LoRA named in the prompt, as the Generate tab takes tags: the LoRA is merged
+    into the stream's pipeline, the tag leaves the prompt, a later change keeps it, an unknown name is refused."""
+    from sdaccel.optim.spec.errors import ConfigError
+    from sdaccel.optim.testing.lora import random_lora
+    from sdaccel.optim.testing.random_weights import build_pipeline
+    from sdaccel.webui.catalog import ModelCatalog
+    from sdaccel.webui.session import WebSession
+
+    random_lora(build_pipeline("sd15", tiny=True), tmp_path / "loras" / "lcm.safetensors")
+    session = WebSession(ModelCatalog([tmp_path]), lora_folders=[tmp_path / "loras"])
+    live = LiveStream(service, cache=cache, resolve=lambda spec, s: session.prompt_loras(spec, s, field="Live: prompt"))
+    spec = PipelineSpec(model=checkpoints.get("sd15"), device="cpu")
+    try:
+        run = live.start(spec, settings(prompt="a fox <lora:lcm:0.8>", scheduler="lcm"))
+        assert run.settings.prompt == "a fox" and [(r.path, r.strength) for r in run.spec.loras] == [
+            (str(tmp_path / "loras" / "lcm.safetensors"), 0.8)]
+        for image in frames(2):
+            feed_one(live, image)
+        until(lambda: run.frames_out == 1, "an image from the stream with the LoRA")
+        assert run.stream.kind == "lcm"
+        assert live.change("steps", 1.0)
+        assert live.current.spec.loras == run.spec.loras and live.current.settings.prompt == "a fox"
+        with pytest.raises(ConfigError, match="Live: prompt.*'nope'"):
+            live.change("prompt", "a fox <lora:nope:1>")
+        assert live.active and live.current.settings.steps == 1  # the stream goes on as it was
+    finally:
+        live.stop()
+        session.close()
+
+
 def test_a_generation_waits_for_the_live_stream_and_the_stream_for_a_generation(live, service, spec):
     run = live.start(spec, settings())
     until(lambda: run.stream is not None, "the stream to run")

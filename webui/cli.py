@@ -64,8 +64,10 @@ def main(argv=None) -> int:
         print("error: --queue-size must be at least 1", file=sys.stderr)
         return 2
     try:
+        from ..optim.run.allocator import keep_freed_memory
         from ..optim.testing import enable_synthetic
 
+        keep_freed_memory()  # our own process: reuse freed memory (see optim/run/allocator.py); a host's is its own
         enable_synthetic()  # synthetic:<family> checkpoints (random weights) for trying the UI without a model
         loras = args.loras or [Path(folder).expanduser().parent / "Lora" for folder in folders]
         session = WebSession(ModelCatalog(folders, args.checkpoint), family=args.family, device=args.device,

@@ -69,6 +69,7 @@ class LiveRun:
     spec: object
     settings: object
     frames: FrameQueue
+    page: tuple = ()  # (spec, settings) as the page gave them (the prompt with its LoRA tags), for changes
     stop: threading.Event = field(default_factory=threading.Event)
     job: object = None
     stream: object = None  # the StreamPipeline, once the job runs
@@ -104,9 +105,12 @@ class LiveRun:
 class LiveStream:
     """The server's one live stream, run as a job of `service` (a GenerationService) on `cache`'s pipelines."""
 
-    def __init__(self, service, *, cache=None):
+    def __init__(self, service, *, cache=None, resolve=None):
+        """`resolve(spec, settings)`: the (spec, settings) the engine runs for the page's (the web UI's session
+        takes the prompt's `<lora:name:strength>` tags into the spec)."""
         self.service = service
         self.cache = cache
+        self.resolve = resolve
         self._lock = threading.Lock()
         self._changing = threading.Lock()  # two controls changed at once: both changes land
         self._run: LiveRun | None = None
@@ -124,7 +128,10 @@ class LiveStream:
     def start(self, spec, settings) -> LiveRun:
         """Queue a live job with `spec` and `settings`, replacing the running one (QueueFull when the queue is
         full: the running stream then goes on unchanged)."""
-        run = LiveRun(spec, settings, FrameQueue(settings.queue_size, "drop_oldest"))
+        page = (spec, settings)
+        if self.resolve is not None:
+            spec, settings = self.resolve(spec, settings)
+        run = LiveRun(spec, settings, FrameQueue(settings.queue_size, "drop_oldest"), page=page)
         with self._lock:
             run.job = self.service.submit(self._work(run), label="live")
             old, self._run = self._run, run
@@ -135,7 +142,7 @@ class LiveStream:
     def restart(self, spec, settings) -> bool:
         """Apply new settings to an active stream (a new job); False when nothing runs or nothing changed."""
         run = self._run
-        if not self.active or (run.spec, run.settings) == (spec, settings):
+        if not self.active or run.page == (spec, settings):
             return False
         self.start(spec, settings)
         return True
@@ -153,7 +160,8 @@ class LiveStream:
             run = self._run
             if not self.active:
                 return False
-            return self.restart(run.spec, replace(run.settings, **{name: value_of(info, value)}))
+            spec, settings = run.page
+            return self.restart(spec, replace(settings, **{name: value_of(info, value)}))
 
     def stop(self, timeout: float = 10.0) -> LiveRun | None:
         """End the stream; waits up to `timeout` for a running job to leave its loop."""
@@ -238,7 +246,8 @@ def build_live(gr, session, *, checkpoint, family, live: LiveStream | None = Non
     stream settings; `checkpoint` and `family` are the page's model controls. gradio 4+ (standalone UI only)."""
     from .controls import control
 
-    live = live if live is not None else LiveStream(session.service)
+    live = live if live is not None else LiveStream(
+        session.service, resolve=lambda spec, settings: session.prompt_loras(spec, settings, field="Live: prompt"))
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
@@ -276,7 +285,7 @@ def build_live(gr, session, *, checkpoint, family, live: LiveStream | None = Non
         if not live.active:
             return gr.update()
         try:
-            live.restart(live_spec(session, checkpoint_title, family_name, tiny), live.current.settings)
+            live.restart(live_spec(session, checkpoint_title, family_name, tiny), live.current.page[1])
         except (SDAccelError, QueueFull) as exc:
             return f"**Error:** {exc} (the stream goes on with its earlier settings)"
         return live.readout()

@@ -4,11 +4,13 @@ Every front-end submits jobs here (a callable doing one generation, a batch seri
 the job's future, so two requests never run
 the engine at once (one pipeline in memory, one machine's cores) and a full queue is refused at once instead of
 piling up. Interrupt stops the running job at its next step boundary; the pipeline cache stays usable.
-No gradio, FastAPI or host import here.
+A `job_scope` wraps every job (the A1111/Forge tab uses it to take the host's queue and make room for its
+pipeline). No gradio, FastAPI or host import here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -102,10 +104,12 @@ def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
 class GenerationService:
     """A worker thread running queued jobs in order, one at a time."""
 
-    def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE):
+    def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE, job_scope: Callable | None = None):
+        """`job_scope(job)`: a context manager each job runs inside (its error fails that job only)."""
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         self.queue_size = queue_size
+        self.job_scope = job_scope
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -190,7 +194,8 @@ class GenerationService:
                 job.step, job.total = step, total
 
             try:
-                result = job.work(progress, self._interrupt.is_set)
+                with (self.job_scope(job) if self.job_scope is not None else contextlib.nullcontext()):
+                    result = job.work(progress, self._interrupt.is_set)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, the worker goes on
                 self.failed += 1
                 job.future.set_exception(exc)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..run.allocator import keep_freed_memory, release_free_memory
+from ..run.allocator import release_free_memory
 from ..run.cache import PipelineCache
 from ..run.capabilities import machine_summary, resolve_device
 from ..run.files import atomic_path
@@ -136,15 +136,15 @@ def run_bench(settings: BenchSettings, *, cache: PipelineCache | None = None,
 
     Each timed row carries `psnr_db`/`ssim` of its image against the baseline image of the same seed
     (null for the baseline itself; the baseline is rendered once untimed when it is not in the list).
-    glibc is told to keep freed memory first: otherwise page-fault costs drift with the process's
-    history and identical rows differ by up to 30% (see allocator.py).
+    The `bench` command tells glibc to keep freed memory in its own process first (otherwise page-fault costs
+    drift with the process's history and identical rows differ by up to 30%, see allocator.py); inside a host
+    (the A1111/Forge tab's Bench, ComfyUI's bench node) the host's allocator is left as the host set it.
     """
     enable_synthetic()  # the random-weight models are what a bench without --checkpoint measures
     for name, value, low in (("repeats", settings.repeats, 1), ("warmup", settings.warmup, 0),
                              ("size", settings.size, 64), ("steps", settings.steps, 1)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"bench --{name}", f"{value!r} is below {low}", f"use --{name} {max(low, 1)} or more")
-    keep_freed_memory()
     cache = cache if cache is not None else PipelineCache(max_entries=2)
     if settings.checkpoint:
         model = ModelRef(path=settings.checkpoint, family=settings.family or "auto")

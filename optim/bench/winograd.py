@@ -188,7 +188,6 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
     from ...cpukernels.fused import fused_transforms_work
     from ..core.registry import ApplyContext, apply_all, remove_all
     from ..models.families import get_family
-    from ..run.allocator import keep_freed_memory
     from ..testing.random_weights import build_components
     from ..units.winograd.unit import WinogradConfig
 
@@ -197,7 +196,6 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
         raise ValueError(f"bench winograd --modules: unknown {sorted(unknown) or '(none given)'}; use unet, "
                          f"vae_decoder or both, comma-separated")
 
-    keep_freed_memory()  # as bench does: page-fault costs would otherwise drift between the timings
     fam = get_family(family)
     say(f"building {fam.name} (random weights) ...")
     comps = build_components(fam.name, tiny=tiny)
