@@ -247,6 +247,7 @@ def test_a_lock_left_by_a_killed_build_never_blocks_loading(ops, tmp_path):
     assert not stale.exists() and copy.exists()
 
 
+@pytest.mark.slow  # a profiled module run, torch only: nothing for the Forge-pins lane to add
 def test_bench_profile_shows_where_each_kernel_spends_the_module_time(ops, tmp_path):
     from sdaccel.optim.bench.winograd import format_winograd_table, run_winograd_bench
 
