@@ -60,8 +60,13 @@ def available_bytes(device: str = "cpu") -> int:
 
         free, _ = torch.cuda.mem_get_info()
         return int(free)
-    import psutil
-
+    try:
+        import psutil
+    except ImportError:  # both hosts install it; elsewhere Linux says it in /proc/meminfo
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        raise
     return int(psutil.virtual_memory().available)
 
 

@@ -153,3 +153,19 @@ def test_weights_are_counted_once_per_tensor():
     gone = torch.nn.Linear(1000, 1000, device="meta")  # unloaded weights hold no memory
     tied.register_buffer("scale", torch.ones(4, dtype=torch.float16))
     assert tensor_bytes([tied, other, gone]) == (110 + 55) * 4 + 4 * 2
+
+
+def test_available_memory_without_psutil_reads_proc_meminfo(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from sdaccel.extension.host_memory import available_bytes
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("Linux only")
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+    found = available_bytes("cpu")
+    listed = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
+                  if line.startswith("MemAvailable:"))
+    assert abs(found - listed) < 256 * 2**20  # the same counter, read a moment apart
