@@ -234,7 +234,8 @@ def test_a_lock_left_by_a_killed_build_never_blocks_loading(ops, tmp_path):
     (copy / "lock").write_text("", encoding="utf-8")
     stale = tmp_path / "native" / f".{built.name}.build-1-2"
     stale.mkdir()
-    code = "import sdaccel.cpukernels.native as n; ops = n.native_ops(build=False); print(ops is not None, n.is_built())"
+    code = ("import sdaccel.cpukernels.native as n; ops = n.native_ops(build=False); "
+            "print(ops is not None, n.is_built())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "SDACCEL_NATIVE_DIR": str(tmp_path / "native")})
     assert done.returncode == 0, done.stderr[-2000:]
