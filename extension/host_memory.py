@@ -58,22 +58,28 @@ def available_bytes(device: str = "cpu") -> int:
     if device.startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     try:
         import psutil
     except ImportError:  # both hosts install it; elsewhere Linux says it in /proc/meminfo
-        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-        raise
+        try:
+            for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0  # unknown: `auto` then makes room whenever the tab has something to load
     return int(psutil.virtual_memory().available)
 
 
 def decide(mode: str, *, needed: int, available: int) -> bool:
     """True when the tab should unload the host's model before it runs (`needed`: 0 when already loaded)."""
     if mode not in MODES:
-        raise ValueError(f"sdaccel_tab_host_model: {mode!r} is not one of {', '.join(MODES)}")
+        from ..optim.spec.errors import ConfigError
+
+        raise ConfigError("sdaccel_tab_host_model", f"{mode!r} is not one of {', '.join(MODES)}",
+                          "pick one in Settings > SDAccel")
     if mode == "keep":
         return False
     if mode == "one-at-a-time":
@@ -87,10 +93,22 @@ def _tab_device(session) -> str:
     return str(resolve_device(session.device))
 
 
-def _loaded(session, path: str) -> bool:
+def _specs_of(job, session) -> list:
+    """The pipeline specs a tab job will load (an ensemble's two), or the selected checkpoint's for a job that
+    does not say (the Bench sub-tab's)."""
+    spec = getattr(job.work, "spec", None)
+    if spec is None:
+        spec, _ = session.spec()
+    return [spec.base, spec.refiner] if hasattr(spec, "refiner") else [spec]
+
+
+def _needed_bytes(specs, device: str) -> int:
+    """What loading `specs` adds: nothing for one already in the cache or one of random weights."""
     from ..optim.run.cache import default_cache
 
-    return any(str(entry.spec.model.path) == str(path) for entry in default_cache().entries())
+    loaded = {entry.spec.model.identity() for entry in default_cache().entries() if entry.spec is not None}
+    return sum(weights_bytes(spec.model.path, device) for spec in specs
+               if not spec.model.is_synthetic and spec.model.identity() not in loaded)
 
 
 def _modules_of(model) -> list:
@@ -115,9 +133,10 @@ def tensor_bytes(modules) -> int:
     seen, total = set(), 0
     for module in modules:
         for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+            key = (tensor.device, tensor.data_ptr())
+            if tensor.device.type == "meta" or key in seen:
                 continue
-            seen.add(tensor.data_ptr())
+            seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
 
@@ -141,6 +160,7 @@ def unload_host_model() -> tuple[str, int] | None:
         data.sd_model = sd_models.FakeInitialModel()
         data.forge_hash = ""
         memory_management.unload_all_models()
+        memory_management.soft_empty_cache()
     else:  # A1111: off its list of loaded models, weights to the meta device
         from modules import sd_hijack
 
@@ -178,9 +198,8 @@ def tab_job_scope(session):
         from modules.call_queue import queue_lock
 
         with queue_lock:
-            path = session.selected.path
             device = _tab_device(session)
-            needed = 0 if _loaded(session, path) else weights_bytes(path, device)
+            needed = _needed_bytes(_specs_of(job, session), device)
             if decide(mode, needed=needed, available=available_bytes(device)):
                 unloaded = unload_host_model()
                 if unloaded:

@@ -74,6 +74,7 @@ def test_install_adds_a_missing_requirement_in_its_floors_series():
 
 def test_the_memory_setting_decides_when_the_host_model_is_unloaded():
     from sdaccel.extension.host_memory import HEADROOM, MODES, decide
+    from sdaccel.optim.spec.errors import ConfigError
 
     assert MODES == ("auto", "keep", "one-at-a-time")
     gb = 2**30
@@ -82,7 +83,7 @@ def test_the_memory_setting_decides_when_the_host_model_is_unloaded():
     assert not decide("auto", needed=4 * gb, available=int(4 * gb * HEADROOM) + 1)
     assert decide("auto", needed=4 * gb, available=int(4 * gb * HEADROOM) - 1)
     assert not decide("auto", needed=0, available=0)  # the tab's pipeline already loaded: nothing to make room for
-    with pytest.raises(ValueError, match="sdaccel_tab_host_model: 'both'"):
+    with pytest.raises(ConfigError, match="sdaccel_tab_host_model.*'both'"):
         decide("both", needed=0, available=0)
 
 
@@ -169,3 +170,23 @@ def test_available_memory_without_psutil_reads_proc_meminfo(monkeypatch):
     listed = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
                   if line.startswith("MemAvailable:"))
     assert abs(found - listed) < 256 * 2**20  # the same counter, read a moment apart
+
+
+def test_what_a_tab_job_would_load_skips_loaded_random_and_half_built_pipelines(checkpoints, monkeypatch):
+    from sdaccel.extension.host_memory import _needed_bytes, weights_bytes
+    from sdaccel.optim.run import cache as cache_module
+    from sdaccel.optim.spec.model_ref import ModelRef
+    from sdaccel.optim.spec.pipeline import PipelineSpec
+
+    cache = cache_module.PipelineCache(max_entries=2)
+    monkeypatch.setattr(cache_module, "default_cache", lambda: cache)
+    sd15 = PipelineSpec(model=checkpoints.get("sd15"))
+    turbo = PipelineSpec(model=checkpoints.get("sd-turbo"))
+    synthetic = PipelineSpec(model=ModelRef.synthetic("sd15"))
+    full = weights_bytes(sd15.model.path) + weights_bytes(turbo.model.path)
+    assert _needed_bytes([sd15, turbo, synthetic], "cpu") == full > 0  # random weights are no file to size
+    cache.prepare(sd15)
+    assert _needed_bytes([sd15, turbo], "cpu") == weights_bytes(turbo.model.path)  # already loaded: nothing
+    for entry in cache.entries():
+        entry.spec = None  # what a failed LoRA merge leaves behind: not an error, just not "loaded"
+    assert _needed_bytes([sd15, turbo], "cpu") == full

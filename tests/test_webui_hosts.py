@@ -179,7 +179,7 @@ def test_deepcache_reuses_the_deep_features_between_full_steps(host):
     assert np.array_equal(again, plain)
 
 
-def set_options(host, **values):
+def set_host_options(host, **values):
     import httpx
 
     response = httpx.post(host.url + "/sdapi/v1/options", json=values, timeout=60)
@@ -188,7 +188,7 @@ def set_options(host, **values):
 
 def test_settings_change_the_next_generation(host):
     def set_options(**values):
-        globals()["set_options"](host, **values)
+        set_host_options(host, **values)
 
     set_options(sdaccel_console_stats=False)
     try:
@@ -218,28 +218,30 @@ def test_the_tab_in_the_hosts_page(host):
     import sdaccel_page
     from browser import browser_page
 
-    with browser_page(viewport=(1400, 1800)) as page:
-        page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
-        tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
-        tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
-        tab.click()
-        page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
-        set_options(host, sdaccel_tab_host_model="keep")  # both loaded, whatever memory this machine has free
-        txt2img(host)  # the host's model loaded, as a user who generated in txt2img first has it
-        host_only = process_rss_mb(host)
-        stats, size = sdaccel_page.generate(page)
-        assert "sd15 txt2img 64x64x1" in stats and "2/2 steps" in stats and "channels_last" in stats, stats
-        assert size == [64, 64], size
-        both = process_rss_mb(host)
-        txt2img(host)  # the host's own tab still generates beside the SDAccel tab's pipeline
-        record_memory(host, {"host_model_loaded_rss_mb": host_only, "with_sdaccel_tab_pipeline_rss_mb": both,
-                             "after_another_host_txt2img_rss_mb": process_rss_mb(host)})
-        set_options(host, sdaccel_tab_host_model="auto")
-        sdaccel_page.keep_screenshot(page, f"{host.host}-tab.png")
-        assert "of 200" in sdaccel_page.interrupt_long_generation(page, steps=200, size=128)
-        assert sdaccel_page.generate_again(page).startswith("done")
-        table, status = sdaccel_page.run_bench(page)  # the Bench sub-tab, on the host's checkpoint
-        assert status.strip().startswith("done: 2 rows") and "channels-last" in table, (status, table)
+    set_host_options(host, sdaccel_tab_host_model="keep")  # both loaded, whatever memory is free
+    try:
+        with browser_page(viewport=(1400, 1800)) as page:
+            page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
+            tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
+            tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            tab.click()
+            page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            txt2img(host)  # the host's model loaded, as a user who generated in txt2img first has it
+            host_only = process_rss_mb(host)
+            stats, size = sdaccel_page.generate(page)
+            assert "sd15 txt2img 64x64x1" in stats and "2/2 steps" in stats and "channels_last" in stats, stats
+            assert size == [64, 64], size
+            both = process_rss_mb(host)
+            txt2img(host)  # the host's own tab still generates beside the SDAccel tab's pipeline
+            record_memory(host, {"host_model_loaded_rss_mb": host_only, "with_sdaccel_tab_pipeline_rss_mb": both,
+                                 "after_another_host_txt2img_rss_mb": process_rss_mb(host)})
+            sdaccel_page.keep_screenshot(page, f"{host.host}-tab.png")
+            assert "of 200" in sdaccel_page.interrupt_long_generation(page, steps=200, size=128)
+            assert sdaccel_page.generate_again(page).startswith("done")
+            table, status = sdaccel_page.run_bench(page)  # the Bench sub-tab, on the host's checkpoint
+            assert status.strip().startswith("done: 2 rows") and "channels-last" in table, (status, table)
+    finally:
+        set_host_options(host, sdaccel_tab_host_model="auto")
 
 
 def test_one_model_at_a_time_unloads_the_hosts_model_while_the_tab_generates(host):
@@ -253,7 +255,7 @@ def test_one_model_at_a_time_unloads_the_hosts_model_while_the_tab_generates(hos
     import sdaccel_page
     from browser import browser_page
 
-    set_options(host, sdaccel_tab_host_model="one-at-a-time")
+    set_host_options(host, sdaccel_tab_host_model="one-at-a-time")
     try:
         before, _ = txt2img(host)  # the host's model loaded
         start = time.perf_counter()
@@ -290,7 +292,7 @@ def test_one_model_at_a_time_unloads_the_hosts_model_while_the_tab_generates(hos
                       "txt2img (the tab's pipeline released, the host's model loaded again); the host's txt2img "
                       "time (64x64, 4 steps) with its model loaded and right after the tab")
     finally:
-        set_options(host, sdaccel_tab_host_model="auto")
+        set_host_options(host, sdaccel_tab_host_model="auto")
 
 
 def test_read_generation_parameters_restores_the_accordion(host):

@@ -165,6 +165,8 @@ def test_the_prompts_lora_tags_go_into_the_streams_pipeline(service, cache, chec
             feed_one(live, image)
         until(lambda: run.frames_out == 1, "an image from the stream with the LoRA")
         assert run.stream.kind == "lcm"
+        merged = [e for e in cache.entries() if e.spec is not None and e.spec.loras == run.spec.loras]
+        assert merged and merged[0].spec.model == spec.model  # the stream ran on the pipeline with the LoRA merged
         assert live.change("steps", 1.0)
         assert live.current.spec.loras == run.spec.loras and live.current.settings.prompt == "a fox"
         with pytest.raises(ConfigError, match="Live: prompt.*'nope'"):

@@ -112,7 +112,7 @@ class LiveStream:
         self.cache = cache
         self.resolve = resolve
         self._lock = threading.Lock()
-        self._changing = threading.Lock()  # two controls changed at once: both changes land
+        self._changing = threading.Lock()  # two controls (or a control and the model) changed at once: both land
         self._run: LiveRun | None = None
 
     @property
@@ -162,6 +162,14 @@ class LiveStream:
                 return False
             spec, settings = run.page
             return self.restart(spec, replace(settings, **{name: value_of(info, value)}))
+
+    def change_spec(self, spec) -> bool:
+        """Run the active stream on another spec (the page's model or Tiny VAE changed), its settings kept."""
+        with self._changing:
+            run = self._run
+            if not self.active:
+                return False
+            return self.restart(spec, run.page[1])
 
     def stop(self, timeout: float = 10.0) -> LiveRun | None:
         """End the stream; waits up to `timeout` for a running job to leave its loop."""
@@ -213,6 +221,7 @@ class LiveStream:
                         for output in stream.push(item[1], item[0]):
                             run.publish(output)
             return stream.stats.summary()
+        work.spec = run.spec  # what the job will load, for a job scope that makes room for it
         return work
 
     def readout(self) -> str:
@@ -285,7 +294,7 @@ def build_live(gr, session, *, checkpoint, family, live: LiveStream | None = Non
         if not live.active:
             return gr.update()
         try:
-            live.restart(live_spec(session, checkpoint_title, family_name, tiny), live.current.page[1])
+            live.change_spec(live_spec(session, checkpoint_title, family_name, tiny))
         except (SDAccelError, QueueFull) as exc:
             return f"**Error:** {exc} (the stream goes on with its earlier settings)"
         return live.readout()

@@ -98,6 +98,7 @@ def engine_job(spec, requests, *, fit: dict | None = None) -> Callable:
             results[-1].stats.notes.extend(chosen)
         return results
 
+    work.spec = spec  # what the job will load, for a job scope that makes room for it (the A1111/Forge tab)
     return work
 
 

@@ -53,7 +53,9 @@ def release_free_memory() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        if "libc" not in _STATE:  # find_library runs ldconfig: once per process
+            _STATE["libc"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _STATE["libc"].malloc_trim(0)
     except (OSError, AttributeError) as exc:  # pragma: no cover
         log.debug("malloc_trim unavailable: %s", exc)
 
