@@ -459,12 +459,11 @@ def stream_plans() -> list[StreamPlan]:
 
 
 def stream_settings(plan: StreamPlan) -> dict:
-    """The SDAccel Stream node's values: `bench stream`'s settings for the row (its size is the video's)."""
-    from sdaccel.optim.bench.stream import VARIANTS, StreamBenchSettings
+    """The SDAccel Stream node's values: the settings `bench stream`'s row runs (the size is the video's)."""
+    from sdaccel.optim.bench.stream import StreamBenchSettings, row_settings
 
-    bench = StreamBenchSettings()
-    return {"prompt": bench.prompt, "negative_prompt": "", "steps": bench.steps, "strength": bench.strength,
-            "cfg_mode": "none", "cfg": 0.0, "seed": 0, **VARIANTS[plan.variant].changes}
+    fields = row_settings(plan.variant, StreamBenchSettings()).to_dict()
+    return {k: v for k, v in fields.items() if k not in ("width", "height", "queue_size", "queue_policy", "resize")}
 
 
 def build_stream(plan: StreamPlan) -> dict:

@@ -91,22 +91,27 @@ def _model(settings: StreamBenchSettings):
     return ModelRef.synthetic(settings.family)
 
 
+def row_settings(name: str, settings: StreamBenchSettings):
+    """The StreamSettings a stream row runs (the example workflows hold the same values)."""
+    from ..stream.settings import StreamSettings
+
+    lcm = name in LCM_VARIANTS
+    return StreamSettings(prompt=settings.prompt, negative_prompt="blurry" if lcm else "", width=settings.size,
+                          height=settings.size, steps=settings.steps, strength=settings.strength, cfg_mode="none",
+                          cfg=1.5 if lcm else 0.0, seed=0).with_(**VARIANTS[name].changes)
+
+
 def _stream_row(name: str, settings: StreamBenchSettings, cache, say) -> dict:
     from ..spec.optimization import config_class
     from ..spec.pipeline import PipelineSpec
     from ..stream.pipeline import StreamPipeline
-    from ..stream.settings import StreamSettings
 
     variant = VARIANTS[name]
     spec = PipelineSpec(model=_model(settings), device=settings.device)
     for kind, fields in variant.optimizations:
         spec = spec.with_optimization(config_class(kind)(**fields))
     prepared = cache.prepare(spec, strict=True)
-    lcm = name in LCM_VARIANTS
-    stream_settings = StreamSettings(prompt=settings.prompt, negative_prompt="blurry" if lcm else "",
-                                     width=settings.size, height=settings.size, steps=settings.steps,
-                                     strength=settings.strength, cfg_mode="none", cfg=1.5 if lcm else 0.0,
-                                     seed=0).with_(**variant.changes)
+    stream_settings = row_settings(name, settings)
     clip = synthetic_clip(settings.warmup + settings.frames, settings.size, moving=name != "ssf-static")
     with StreamPipeline(prepared, stream_settings) as stream:
         for i, frame in enumerate(clip[:settings.warmup]):
