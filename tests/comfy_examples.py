@@ -224,6 +224,25 @@ def _loader(graph: _Graph, mappings, model: Model, pos, title=None) -> int:
                      outputs=_outputs(cls), title=title)
 
 
+def _add_toggles(graph: _Graph, mappings, pipe: int, optimizations, model: Model, x: int, y: int):
+    """One toggle node per (kind, fields) after `pipe`, left to right: (the last node, its x, the VAE files named)."""
+    from sdaccel.nodes.toggles import node_id
+
+    vae_files = []
+    for kind, fields in optimizations:
+        cls = mappings[node_id(kind)]
+        values = user_values(kind, fields, model)
+        if kind == "vae" and values.get("path"):
+            vae_files.append(values["path"])
+        x += 380
+        toggle = graph.add(node_id(kind), widget_values(cls, values), pos=(x, y),
+                           size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
+                           outputs=_outputs(cls))
+        graph.link(pipe, 0, toggle, 0)
+        pipe = toggle
+    return pipe, x, vae_files
+
+
 def user_values(kind: str, fields: dict, model: Model) -> dict:
     """A preset's fields as a user's workflow holds them (benchmark-only random weights become files)."""
     values = dict(fields)
@@ -235,7 +254,6 @@ def user_values(kind: str, fields: dict, model: Model) -> dict:
 def build(plan: Plan) -> dict:
     """The UI-format workflow for one plan."""
     from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
-    from sdaccel.nodes.toggles import node_id
     from sdaccel.optim.core.registry import all_units
 
     graph = _Graph()
@@ -258,18 +276,9 @@ def build(plan: Plan) -> dict:
         graph.link(pipe, 0, lora, 0)
         pipe = lora
     order = list(all_units())
-    vae_files = []
-    for kind, fields in sorted(plan.optimizations, key=lambda kv: order.index(kv[0])):
-        cls = mappings[node_id(kind)]
-        values = user_values(kind, fields, plan.model)
-        if kind == "vae" and values.get("path"):
-            vae_files.append(values["path"])
-        x += 380
-        toggle = graph.add(node_id(kind), widget_values(cls, values), pos=(x, y),
-                           size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
-                           outputs=_outputs(cls))
-        graph.link(pipe, 0, toggle, 0)
-        pipe = toggle
+    pipe, x, vae_files = _add_toggles(graph, mappings, pipe, sorted(plan.optimizations,
+                                                                    key=lambda kv: order.index(kv[0])),
+                                      plan.model, x, y)
     cutoff_values = {k: v for k, v in plan.request.items() if k not in SAMPLER_REQUEST}
     if cutoff_values:
         cls = mappings["SDAccelCFGCutoff"]
@@ -468,7 +477,6 @@ def stream_settings(plan: StreamPlan) -> dict:
 
 def build_stream(plan: StreamPlan) -> dict:
     from sdaccel.nodes import NODE_CLASS_MAPPINGS as mappings
-    from sdaccel.nodes.toggles import node_id
     from sdaccel.optim.bench.stream import VARIANTS
 
     variant = VARIANTS[plan.variant]
@@ -480,18 +488,7 @@ def build_stream(plan: StreamPlan) -> dict:
 
     x, y = 40, 240
     pipe = _loader(graph, mappings, SD_TURBO, (x, y))
-    vae_files = []
-    for kind, fields in variant.optimizations:
-        cls = mappings[node_id(kind)]
-        values = user_values(kind, fields, SD_TURBO)
-        if kind == "vae":
-            vae_files.append(values["path"])
-        x += 380
-        toggle = graph.add(node_id(kind), widget_values(cls, values), pos=(x, y),
-                           size=(340, 60 + 26 * len(cls.INPUT_TYPES()["required"])), inputs=_links_in(cls),
-                           outputs=_outputs(cls))
-        graph.link(pipe, 0, toggle, 0)
-        pipe = toggle
+    pipe, x, vae_files = _add_toggles(graph, mappings, pipe, variant.optimizations, SD_TURBO, x, y)
     video = core("LoadVideo", [VIDEO_NAME, "image"], (40, y + 260), (320, 360), title="Your video")
     frames = core("GetVideoComponents", [], (40, y + 660), (320, 90))
     graph.link(video, 0, frames, 0)

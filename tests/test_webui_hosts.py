@@ -207,6 +207,17 @@ def test_settings_change_the_next_generation(host):
         set_options(sdaccel_winograd_filter_mb=0)
 
 
+def open_sdaccel_tab(page, host) -> None:
+    """Open the host's page and its SDAccel tab; wait for the Generate button."""
+    import sdaccel_page
+
+    page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
+    tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
+    tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+    tab.click()
+    page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+
+
 def test_the_tab_in_the_hosts_page(host):
     """The SDAccel tab as a user opens it in the host's page (headless Chromium): Generate shows the image and
     the statistics, Interrupt stops a long generation, the host's own txt2img still runs beside it, and the
@@ -221,11 +232,7 @@ def test_the_tab_in_the_hosts_page(host):
     set_host_options(host, sdaccel_tab_host_model="keep")  # both loaded, whatever memory is free
     try:
         with browser_page(viewport=(1400, 1800)) as page:
-            page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
-            tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
-            tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
-            tab.click()
-            page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            open_sdaccel_tab(page, host)
             txt2img(host)  # the host's model loaded, as a user who generated in txt2img first has it
             host_only = process_rss_mb(host)
             stats, size = sdaccel_page.generate(page)
@@ -264,11 +271,7 @@ def test_one_model_at_a_time_unloads_the_hosts_model_while_the_tab_generates(hos
         host_only = process_rss_mb(host)
         since = len(host.log_text())
         with browser_page(viewport=(1400, 1800)) as page:
-            page.goto(host.url + "/", wait_until="load", timeout=sdaccel_page.TIMEOUT_MS)
-            tab = page.locator("#tabs button", has_text=re.compile(r"^\s*SDAccel\s*$")).first
-            tab.wait_for(state="visible", timeout=sdaccel_page.TIMEOUT_MS)
-            tab.click()
-            page.wait_for_selector("#sdaccel_generate", state="visible", timeout=sdaccel_page.TIMEOUT_MS)
+            open_sdaccel_tab(page, host)
             stats, size = sdaccel_page.generate(page, channels_last=False)
         assert "sd15 txt2img 64x64x1" in stats and size == [64, 64], stats
         unloaded = re.search(r"unloaded the host's model \(.*?, ([0-9.]+) GB of weights\)", new_log(host, since))
