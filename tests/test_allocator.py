@@ -70,20 +70,24 @@ def test_released_memory_goes_back_to_the_os():
 
 
 DEFAULT_TRIM_PROBE = r"""
-import os, torch
-from sdaccel.optim.run.allocator import release_free_memory
+import ctypes, os, torch
+from sdaccel.optim.run import allocator
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-big = torch.ones(16 * 2**20 // 4)  # a large free first: glibc raises its mmap threshold to this size (<= 32 MB)
-del big
+# A host's thresholds as its history leaves them: glibc raises the mmap threshold (to <= 32 MB) and the trim
+# threshold (twice that) with its first large frees. Set here, not provoked, so the heap's layout is the same
+# every run (provoked, a tensor's alignment remainder sometimes let the top of the heap be trimmed at free).
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(-3, 32 * 2**20) and libc.mallopt(-1, 2**30)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 start = rss()
 weights, kept_alive = [], []
-for _ in range(32):  # 256 MB of 8 MB tensors, now from the heap, each followed by a small tensor that stays:
+for _ in range(32):  # 256 MB of 8 MB tensors, from the heap, each followed by a small tensor that stays:
     weights.append(torch.ones(8 * 2**20 // 4))  # freed, they are holes below the heap's top, which glibc
     kept_alive.append(torch.ones(4096))  # only gives back when trimmed
 del weights
 kept = rss() - start
-release_free_memory()
+allocator.release_free_memory()
+assert "applied" not in allocator._STATE  # keep_freed_memory was never called: glibc's own policy
 print(kept, rss() - start)
 """
 

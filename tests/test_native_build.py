@@ -129,7 +129,12 @@ def cold_kernel(real_library, tmp_path, monkeypatch):
                         lambda spec: [sys.executable, str(script), json.dumps(spec), str(real_library), str(record)])
     loaded = []
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
-    yield lambda: Path(str(native.build_dir()) + ".go").write_text("")
+
+    def let_the_build_finish():  # the build thread may not have made the folder yet on a busy machine
+        native.build_dir().parent.mkdir(parents=True, exist_ok=True)
+        Path(str(native.build_dir()) + ".go").write_text("")
+
+    yield let_the_build_finish
     thread = native._BUILD.get("thread")
     if thread is not None:
         thread.join(timeout=120)
