@@ -100,7 +100,8 @@ def main() -> None:
     summary = {"direct_ms": total_direct, "best_kernel_ms": total_best, "best_products_ms": total_floor,
                "kernel_speedup": total_direct / total_best, "products_speedup": total_direct / total_floor}
     print(f"one of each shape: direct {total_direct:.0f} ms, best kernel {total_best:.0f} ms "
-          f"({summary['kernel_speedup']:.2f}x), products alone {total_floor:.0f} ms ({summary['products_speedup']:.2f}x)")
+          f"({summary['kernel_speedup']:.2f}x), products alone {total_floor:.0f} ms "
+          f"({summary['products_speedup']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "repeats": args.repeats, "summary": summary,
                                          "layers": rows}, indent=1) + "\n")
