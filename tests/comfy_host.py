@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import host_native_kernel
 from browser import browser_page
 from sdaccel.optim.bench.comfyui_server import RUN_TIMEOUT_S  # noqa: F401 (for the tests)
 from sdaccel.optim.bench.comfyui_server import ComfyServer as Server
@@ -110,6 +111,7 @@ def start_server(base: Path, models: dict, write_extra=None):
     from sdaccel.optim.bench.comfyui_server import HostError, launch
 
     checkout = Path(COMFYUI_PATH).expanduser().resolve()
+    host_native_kernel.build_for(host_python(checkout))  # the Winograd tests check the kernel's results
     write_models(base / "models", models)
     if write_extra is not None:
         write_extra(base / "models")

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 import pytest
+import host_native_kernel
 import webui_host
 
 BODY = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "seed": 77, "steps": 4, "cfg_scale": 7,
@@ -24,6 +25,7 @@ def host(request, tmp_path_factory):
     tree, python = webui_host.host_env(request.param)
     if not (tree and python):
         pytest.skip(webui_host.skip_reason(request.param))
+    host_native_kernel.build_for(python)  # the Winograd tests check the kernel's calls
     started = webui_host.WebUIHost(request.param, tree, python, tmp_path_factory.mktemp(request.param) / "webui")
     try:
         started.wait_ready()
