@@ -189,24 +189,21 @@ def set_host_options(host, **values):
 
 
 def test_settings_change_the_next_generation(host):
-    def set_options(**values):
-        set_host_options(host, **values)
-
-    set_options(sdaccel_console_stats=False)
+    set_host_options(host, sdaccel_console_stats=False)
     try:
         since = len(host.log_text())
         txt2img(host, (True, True, False, 1.0))
         assert "SDAccel: " not in new_log(host, since), new_log(host, since)[-2000:]
     finally:
-        set_options(sdaccel_console_stats=True)
-    set_options(sdaccel_winograd_filter_mb=64)
+        set_host_options(host, sdaccel_console_stats=True)
+    set_host_options(host, sdaccel_winograd_filter_mb=64)
     try:
         since = len(host.log_text())
         txt2img(host, (True, True, False, 1.0))
         kept = re.search(r"SDAccel: .*?(\d+(?:\.\d+)?) MB of filters kept", new_log(host, since))
         assert kept and float(kept.group(1)) <= 64, new_log(host, since)[-2000:]
     finally:
-        set_options(sdaccel_winograd_filter_mb=0)
+        set_host_options(host, sdaccel_winograd_filter_mb=0)
 
 
 def open_sdaccel_tab(page, host) -> None:

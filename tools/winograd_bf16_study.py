@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdaccel.optim.bench.timing import timed_runs
+from sdaccel.optim.bench.timing import median_seconds
 
 
 SHAPES = [  # (where, N, C, K, H, W) at 512x512
@@ -34,10 +33,6 @@ SHAPES = [  # (where, N, C, K, H, W) at 512x512
     ("vae 512x512", 1, 128, 128, 512, 512),
 ]
 SPLITS = ((32, False), (32, True))  # (block, by_channels) as the calibration screens them
-
-
-def _median(fn, repeats: int) -> float:
-    return statistics.median(timed_runs(fn, repeats))
 
 
 def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,9 +55,9 @@ def study(repeats: int) -> list[dict]:
         xb, wb = x.bfloat16(), weight.bfloat16()
         row = {"layer": where, "shape": [n, c, k, h, w]}
         with torch.inference_mode():
-            row["fp32 direct"] = (_median(lambda: F.conv2d(x, weight, padding=1), repeats),
+            row["fp32 direct"] = (median_seconds(lambda: F.conv2d(x, weight, padding=1), repeats),
                                   _error(F.conv2d(x, weight, padding=1), ref))
-            row["bf16 direct"] = (_median(lambda: F.conv2d(xb, wb, padding=1), repeats),
+            row["bf16 direct"] = (median_seconds(lambda: F.conv2d(xb, wb, padding=1), repeats),
                                   _error(F.conv2d(xb, wb, padding=1), ref))
             for bf16 in (False, True):
                 for m in native_tiles(h, w):
@@ -71,14 +66,14 @@ def study(repeats: int) -> list[dict]:
                     for block, by_channels in SPLITS:
                         def call(f=filters, m=m, block=block, by_channels=by_channels):
                             return ops.conv2d(x, f, None, m, 1, block, bf16, by_channels)
-                        t = _median(call, repeats)
+                        t = median_seconds(call, repeats)
                         if best is None or t < best[0]:
                             best = (t, _error(call(), ref), block, by_channels)
                     row[f"winograd F{m} {'bf16' if bf16 else 'fp32'} products"] = best[:2]
                     if bf16:  # in a bf16 pipeline the layer's input and output are bf16: the conversions too
                         def converted(f=filters, m=m, block=best[2], by_channels=best[3]):
                             return ops.conv2d(xb.float(), f, None, m, 1, block, True, by_channels).bfloat16()
-                        row[f"winograd F{m} bf16 products, bf16 in/out"] = (_median(converted, repeats), best[1])
+                        row[f"winograd F{m} bf16 products, bf16 in/out"] = (median_seconds(converted, repeats), best[1])
             ops.release_scratch()
         rows.append(row)
         print(_format(row), flush=True)

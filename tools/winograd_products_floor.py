@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdaccel.optim.bench.timing import timed_runs
+from sdaccel.optim.bench.timing import median_seconds
 
 SHAPES = [  # (N, C, K, H=W): every distinct 3x3 stride-1 convolution of SD 1.5's UNet at 512x512, CFG batch 2
     (2, 320, 320, 64), (2, 640, 320, 64), (2, 960, 320, 64), (2, 640, 640, 64),
@@ -32,10 +31,6 @@ SHAPES = [  # (N, C, K, H=W): every distinct 3x3 stride-1 convolution of SD 1.5'
 SPLITS = [(split, block) for split in ("t", "k") for block in (16, 32, 64)]
 
 
-def _median(fn, repeats: int) -> float:
-    return statistics.median(timed_runs(fn, repeats))
-
-
 def layer_row(ops, shape: tuple, repeats: int) -> dict:
     from sdaccel.cpukernels.calibrate import native_tiles
 
@@ -45,17 +40,17 @@ def layer_row(ops, shape: tuple, repeats: int) -> dict:
     weight = torch.randn(k, c, 3, 3, generator=gen) / (3 * c**0.5)
     bias = torch.randn(k, generator=gen)
     direct_flop = 2 * n * side * side * k * c * 9
-    direct = _median(lambda: F.conv2d(x, weight, bias, padding=1), repeats)
+    direct = median_seconds(lambda: F.conv2d(x, weight, bias, padding=1), repeats)
     row = {"shape": [n, c, k, side, side], "direct_ms": direct * 1e3, "direct_gflops": direct_flop / direct / 1e9,
            "tiles": {}}
     for m in native_tiles(side, side):
         filters = ops.transform_filters(weight, m, False)
-        kernel = min((_median(lambda s=split, b=block: ops.conv2d(x, filters, bias, m, 1, b, False, s == "k"),
-                              repeats), f"{split}{block}") for split, block in SPLITS)
+        kernel = min((median_seconds(lambda s=split, b=block: ops.conv2d(x, filters, bias, m, 1, b, False, s == "k"),
+                                     repeats), f"{split}{block}") for split, block in SPLITS)
         a, tiles = m + 2, n * ((side + m - 1) // m) ** 2
         v = torch.randn(a * a, tiles, c, generator=gen)
         u = filters.view(a * a, c, k)
-        products = _median(lambda: torch.bmm(v, u), repeats)
+        products = median_seconds(lambda: torch.bmm(v, u), repeats)
         product_flop = 2 * a * a * tiles * c * k
         row["tiles"][f"F{m}"] = {
             "kernel_ms": kernel[0] * 1e3, "split": kernel[1], "speedup_vs_direct": direct / kernel[0],

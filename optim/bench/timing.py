@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 
@@ -13,3 +14,8 @@ def timed_runs(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median of `timed_runs` (the figure the per-layer tables report)."""
+    return statistics.median(timed_runs(fn, repeats))

@@ -9,7 +9,6 @@ are measured with and without the patch.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import Counter
 from typing import Callable
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..run.capabilities import machine_summary
-from .timing import timed_runs
+from .timing import median_seconds
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,6 @@ def _rel_err(n, c, k, h, w, pad, m: int, seed: int = 1, *, fused: bool = False, 
             u = filter_transform(weight, m)
             out = winograd_conv2d(x, u, bias, m=m, padding=pad, packed=pack_filters(u, 64), fused=fused)
     return float((out - ref).abs().max() / ref.abs().max())
-
-
-def _median_time(fn, repeats: int) -> float:
-    return statistics.median(timed_runs(fn, repeats))
 
 
 def _choice_label(kind: str, m: int, band: int) -> str:
@@ -135,7 +130,7 @@ def _time_pytorch_kernel(holder, sections, plain, repeats, calibration_dir, fuse
     try:
         for name, (_, call, _, whole_key) in sections.items():
             call()  # measures its shapes the first time
-            timed = _median_time(call, repeats)
+            timed = median_seconds(call, repeats)
             found[f"{whole_key}_s"] = round(timed, 3)
             found[f"{whole_key}_speedup"] = round(plain[name] / timed, 3)
             if profiles is not None:
@@ -252,7 +247,7 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
         say("timing the whole modules, plain and with Winograd ...")
         for name, (_, call, _, _) in sections.items():
             refs[name] = call()
-            plain[name] = _median_time(call, repeats)
+            plain[name] = median_seconds(call, repeats)
             if profiles is not None:
                 profiles[name]["conv2d"] = profile_call(call)
         handles = apply_all(holder, [WinogradConfig(unet="unet" in sections, vae="vae_decoder" in sections,
@@ -264,7 +259,7 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
             planner = handles[0].info["planner"]
             for name, (_, call, summed_key, whole_key) in sections.items():
                 out = call()
-                timed = _median_time(call, repeats)
+                timed = median_seconds(call, repeats)
                 summary[summed_key] = _summed(rows, name)
                 summary[f"{whole_key}_speedup"] = round(plain[name] / timed, 3)
                 summary[f"{whole_key}_s"] = {"conv2d": round(plain[name], 3), "winograd": round(timed, 3)}
@@ -274,7 +269,7 @@ def run_winograd_bench(family: str = "sd15", size: int = 512, *, repeats: int = 
                 kept = planner.allocate_storage()
                 for name, (_, call, _, whole_key) in sections.items():
                     call()
-                    timed = _median_time(call, repeats)
+                    timed = median_seconds(call, repeats)
                     summary[f"{whole_key}_s"]["winograd_kept_filters"] = round(timed, 3)
                     summary[f"{whole_key}_speedup_kept_filters"] = round(plain[name] / timed, 3)
                 summary["layers_keeping_filters"] = kept

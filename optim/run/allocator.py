@@ -26,6 +26,13 @@ _M_MMAP_MAX = -4
 _STATE: dict = {}
 
 
+def _libc():
+    """glibc, opened once per process (find_library runs ldconfig)."""
+    if "libc" not in _STATE:
+        _STATE["libc"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return _STATE["libc"]
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc malloc to keep and reuse freed memory (see module docstring). True if applied; a no-op
     returning False elsewhere (macOS, Windows, musl), where the allocators already behave or differ."""
@@ -34,7 +41,7 @@ def keep_freed_memory() -> bool:
     applied = False
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = _libc()
             applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
         except (OSError, AttributeError) as exc:
             log.debug("mallopt unavailable: %s", exc)
@@ -53,9 +60,7 @@ def release_free_memory() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     try:
-        if "libc" not in _STATE:  # find_library runs ldconfig: once per process
-            _STATE["libc"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _STATE["libc"].malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError) as exc:  # pragma: no cover
         log.debug("malloc_trim unavailable: %s", exc)
 
