@@ -263,3 +263,61 @@ def test_bench_profile_shows_where_each_kernel_spends_the_module_time(ops, tmp_p
         shares = [op["share"] for op in found]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
     assert "profile unet, native winograd: " in format_winograd_table(report)
+
+
+def _bf16_net() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("tile, bf16_layers, runs_f23", [("f2", True, True), ("f2", False, False),
+                                                         ("f4", True, False)])
+def test_bf16_layers_run_f23_with_bf16_products_only_when_asked_and_keep_bf16s_error(ops, tmp_path, tile,
+                                                                                      bf16_layers, runs_f23):
+    """A bf16 model's layers: F(2,3) with bf16 products when bf16_layers is on (a larger forced tile would be
+    17-38x bf16's error, so it leaves them on F.conv2d), at about the bf16 convolution's own error; restored."""
+    from sdaccel.optim.units.winograd.unit import WinogradConfig, WinogradPlanner
+
+    if not native.bf16_products():
+        pytest.skip("no native bf16 products on this CPU (AVX512-BF16 or AMX)")
+    net = _bf16_net()
+    x = torch.randn(2, 32, 16, 12)
+    with torch.inference_mode():
+        exact = net.double()(x.double())
+        net.to(torch.bfloat16)
+        direct = net(x.bfloat16())
+        planner = WinogradPlanner(WinogradConfig(tile=tile, bf16_layers=bf16_layers), str(tmp_path))
+        patched = patch_convs(net, planner, FilterCache(2**30))
+        out = net(x.bfloat16())
+        calls = [layer.calls["winograd"] for layer in net]
+        patched.restore()
+        assert torch.equal(net(x.bfloat16()), direct)
+    assert out.dtype == torch.bfloat16 and all(type(layer) is torch.nn.Conv2d for layer in net)
+    if not runs_f23:
+        assert calls == [0, 0] and torch.equal(out, direct)
+        return
+    assert calls == [1, 1] and not torch.equal(out, direct)
+    # same order as bf16's own rounding (two stacked layers, few channels: about 2x here; F(4,3) would be 17-38x)
+    assert _rel(out.double(), exact) < 3 * _rel(direct.double(), exact), (_rel(out.double(), exact),
+                                                                          _rel(direct.double(), exact))
+
+
+def test_bf16_calibration_times_only_f23_and_its_kept_bf16_filters_follow_the_weight(ops):
+    if not native.bf16_products():
+        pytest.skip("no native bf16 products on this CPU (AVX512-BF16 or AMX)")
+    timings = measure_shape(2, 64, 64, 16, 16, 1, torch.bfloat16, repeats=1, native=True)
+    assert "conv2d" in timings and {parse_native(n)[0] for n in timings if parse_native(n)} == {2}
+    cache = FilterCache(2**30)
+    net = _bf16_net().to(torch.bfloat16)
+    patched = patch_convs(net, _Planner(2, 16), cache)
+    x = torch.randn(2, 32, 8, 8).bfloat16()
+    with torch.inference_mode():
+        on_the_fly = net(x)
+        assert all(layer.reserve(2) for layer in net)
+        assert torch.equal(net(x), on_the_fly)  # kept bf16 filters: the same products
+        assert cache.used == 16 * (32 * 48 + 48 * 32) * 2  # bf16: two bytes per element
+        net[0].weight.add_(0.25)
+        ref = F.conv2d(F.conv2d(x.double(), net[0].weight.double(), net[0].bias.double(), padding=1),
+                       net[1].weight.double(), net[1].bias.double(), padding=1)
+        assert _rel(net(x).double(), ref) < 2e-2
+    patched.restore()

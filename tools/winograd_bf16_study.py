@@ -3,7 +3,8 @@
 For each 3x3 layer shape of the UNet (CFG batch 2) and the VAE decoder (batch 1) it times, side by side in one
 process after a warm-up, PyTorch's direct convolution in fp32 and in bf16 (what the `bf16` preset runs) against
 the native Winograd kernel with fp32 products and with bf16 products (transforms in fp32, the kernel's filters
-kept), each tile and work split the calibration would try; and it measures each one's error against a float64
+kept), each tile and work split the calibration would try, and with bf16 products F(2,3) on every shape too (the
+one tile whose transforms keep bf16's accuracy); and it measures each one's error against a float64
 convolution of the same input. Prints a table and writes it as JSON.
 
     .venv/bin/python tools/winograd_bf16_study.py --json results/winograd-bf16-study.json
@@ -60,7 +61,7 @@ def study(repeats: int) -> list[dict]:
             row["bf16 direct"] = (median_seconds(lambda: F.conv2d(xb, wb, padding=1), repeats),
                                   _error(F.conv2d(xb, wb, padding=1), ref))
             for bf16 in (False, True):
-                for m in native_tiles(h, w):
+                for m in sorted({2, *native_tiles(h, w)}) if bf16 else native_tiles(h, w):
                     filters = ops.transform_filters(weight, m, bf16)
                     best = None
                     for block, by_channels in SPLITS:
