@@ -118,9 +118,8 @@ class _Filters:
         return u, packed
 
     def native(self, m: int, source: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-        """The native kernel's filters for tile m when this layer holds room for them (bf16 for a bf16 weight, whose
-        layer runs bf16 products), else the weight `used` itself (transformed on the fly inside the call). Remade
-        once `source` is replaced or changed in place."""
+        """The native kernel's filters for tile m when this layer holds room for them, else the weight `used`
+        itself (transformed on the fly inside the call). Remade once `source` is replaced or changed in place."""
         if m not in self.reserved:
             return used.detach()
         entry = self.by_tile.get(m)
@@ -128,7 +127,7 @@ class _Filters:
             return entry[1]
         from .native import native_ops
 
-        u = native_ops(build=False).transform_filters(used.detach().float(), m, used.dtype == torch.bfloat16)
+        u = native_ops(build=False).transform_filters(used.detach().float(), m, False)
         self.by_tile[m] = (_Stamp(source, used), u, None)
         return u
 

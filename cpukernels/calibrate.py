@@ -208,20 +208,17 @@ def _measure_native(n, c, k, h, w, pad, dtype, device, *, repeats: int, seed: in
                     progress) -> dict:
     from .native import native_ops, release_scratch
 
-    from .winograd import native_conv2d
-
     ops = native_ops()
     x, weight, bias = _example(n, c, k, h, w, dtype, device, seed, channels_last)
     ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
-    bf16 = dtype == torch.bfloat16  # a bf16 layer: bf16 products, where only F(2,3) keeps bf16's accuracy
-    tiles = (2,) if bf16 else native_tiles(ho, wo)
+    tiles = native_tiles(ho, wo)
 
     def cold_weights() -> None:
         flush_caches()
         x.add_(0.0)
 
     def call(m: int, split: str, block: int, filters):
-        return lambda: native_conv2d(x, filters, bias, m=m, padding=pad, block=-block if split == "k" else block)
+        return lambda: ops.conv2d(x, filters, bias, m, pad, block, False, split == "k")
 
     samples: dict[str, list[float]] = {}
     calls: dict[str, object] = {}
@@ -251,7 +248,7 @@ def _measure_native(n, c, k, h, w, pad, dtype, device, *, repeats: int, seed: in
         for m in tiles:  # each tile's best split, with its filters kept: what the filter budget can buy
             best = min((t[0], name) for name, t in samples.items() if name != "conv2d" and name[1] == str(m))[1]
             _, split, block = parse_native(best)
-            stored = ops.transform_filters(weight.float(), m, bf16)
+            stored = ops.transform_filters(weight, m, False)
             screen(native_name(m, split, block, stored=True), call(m, split, block, stored))
         fastest = min(times[0] for times in samples.values())
         for name, times in samples.items():

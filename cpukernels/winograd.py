@@ -261,18 +261,11 @@ def release_workspaces() -> None:
 def native_conv2d(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, *, m: int, padding: int,
                   block: int) -> torch.Tensor:
     """The native kernel (cpukernels/native.py; the caller has loaded it) on x with `filters`: its transformed
-    filters for tile m, or the layer's weight to transform inside the call. `block` > 0: work items of that
-    many output tiles; < 0: of -block output channels over every tile. A bf16 x (a bf16 layer) runs with bf16
-    products between fp32 transforms and gives a bf16 output (only F(2,3) keeps bf16's accuracy that way)."""
+    filters for tile m, or the layer's fp32 weight to transform inside the call. `block` > 0: work items of that
+    many output tiles; < 0: of -block output channels over every tile."""
     from .native import native_ops
 
-    ops = native_ops(build=False)
-    if x.dtype != torch.bfloat16:
-        return ops.conv2d(x, filters, bias, m, padding, abs(block), False, block < 0)
-    raw = filters.dim() == 4 and tuple(filters.shape[-2:]) == (3, 3)
-    out = ops.conv2d(x.float(), filters.float() if raw else filters, None if bias is None else bias.float(), m,
-                     padding, abs(block), True, block < 0)
-    return out.to(torch.bfloat16)
+    return native_ops(build=False).conv2d(x, filters, bias, m, padding, abs(block), False, block < 0)
 
 
 def _bands(tiles_h: int, band: int) -> list[tuple[int, int]]:

@@ -343,26 +343,6 @@ def test_precision_half_gives_comfyuis_own_compute_dtype_image_and_channels_last
     assert run_latent(comfy, graph(half, prefix="prec-again")).equal(ours)
 
 
-def test_winograd_bf16_layers_on_a_bf16_model_stay_within_bf16s_rounding(comfy):
-    """Precision (model) half makes ComfyUI's UNet bf16; Winograd with bf16_layers then runs its 3x3 layers as
-    F(2,3) with bf16 products through ComfyUI's own convolution calls, and the latent stays as close to the bf16
-    one as bf16 is to fp32."""
-    if not native_bf16():
-        pytest.skip("no native bf16 on this CPU: half keeps fp32 and bf16_layers has nothing to run")
-    half = {"class_type": "SDAccelPrecisionModel", "inputs": {"dtype": "half", "channels_last": False}}
-    base = run_latent(comfy, graph(prefix="wbf16-fp32"))
-    bf16 = run_latent(comfy, graph(half, prefix="wbf16-bf16"))
-    since = len(log_lines(comfy, "SDAccel Winograd (model)"))
-    prompt = graph(half, prefix="wbf16-winograd")
-    prompt["8"] = {"class_type": "SDAccelWinogradModel",
-                   "inputs": dict(WINOGRAD["inputs"], tile="f2", bf16_layers=True, model=["6", 0])}
-    prompt["7"]["inputs"]["model"] = ["8", 0]
-    ours = run_latent(comfy, prompt)
-    assert 0 < rel(ours, bf16) < 2 * rel(bf16, base), (rel(ours, bf16), rel(bf16, base))
-    lines = log_lines(comfy, "SDAccel Winograd (model)")[since:]
-    assert any(re.search(r"[1-9]\d* Winograd and \d+ F\.conv2d calls", line) for line in lines), lines
-
-
 def test_attention_pytorch_gives_the_unpatched_image_and_goes_away_when_bypassed(comfy):
     base = run_latent(comfy, graph(prefix="attn-base"))  # ComfyUI's CPU default: sub-quadratic attention
     patch = {"class_type": "SDAccelAttentionModel", "inputs": {"backend": "pytorch"}}

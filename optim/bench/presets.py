@@ -95,10 +95,6 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("freeu", "FreeU with the family's published factors", (("freeu", {}),)),
     Preset("winograd", "Winograd F(2,3)/F(4,3)/F(6,3) convolutions where measured faster than F.conv2d (CPU)",
            (("winograd", {}),)),
-    Preset("bf16-winograd", "bf16 with Winograd: the bf16 UNet's 3x3 convolutions as F(2,3) with bf16 products "
-           "where measured faster (native kernel, CPUs with AVX512-BF16 or AMX), the fp32 VAE's with the lossless "
-           "tiles; the image within bf16's own rounding of the bf16 preset's",
-           (("precision", {"unet": "bf16", "text_encoder": "bf16"}), ("winograd", {"bf16_layers": True}))),
     Preset("deepcache", "DeepCache, interval 3, branch 0", (("deepcache", {"cache_interval": 3,
                                                                            "cache_branch_id": 0}),)),
     Preset("tome", "Token merging: half of the self-attention tokens on the largest maps merged (tomesd's default)",

@@ -53,9 +53,3 @@ class WinogradConfig(OptimizationConfig):
                          "use F.conv2d and say so, the next run picks it up); where it cannot be built, the "
                          "PyTorch Winograd (see fused_transforms). pytorch: always the PyTorch Winograd",
                          choices=KERNEL_CHOICES, late=True)
-    bf16_layers: bool = option(False, "Native kernel, on a CPU with native bf16 (AVX512-BF16 or AMX): the bf16 "
-                               "layers of a bf16 model (Precision bf16, or half on a CPU) run as Winograd F(2,3) "
-                               "with bf16 products between fp32 transforms, where measured faster than bf16 "
-                               "F.conv2d (1.2-2.1x per SD 1.5 layer). F(2,3)'s error is about bf16's own; larger "
-                               "tiles would be 17-38x it, so they stay off. Off: bf16 layers run F.conv2d",
-                               late=True)

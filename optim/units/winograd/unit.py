@@ -135,17 +135,9 @@ class WinogradPlanner:
                                  stored))
         return choice
 
-    def _bf16_layers(self, layer) -> bool:
-        """Whether a bf16 layer may run F(2,3) with bf16 products: asked for, the native kernel loaded with
-        native bf16 products on this CPU, an even channel count (bf16 pairs), and no other tile forced."""
-        from ....cpukernels.native import bf16_products
-
-        return (self.cfg.bf16_layers and self.cfg.tile in ("auto", "f2") and self.native and bf16_products()
-                and layer.in_channels % 2 == 0)
-
     def _decide(self, layer, shape, dtype, device, channels_last: bool, key=None):
-        if dtype != torch.float32 and not (dtype == torch.bfloat16 and self._bf16_layers(layer)):
-            return ("conv2d", 0, 0)  # fp16/bf16 Winograd loses too many digits except bf16 F(2,3): see bf16_layers
+        if dtype != torch.float32:
+            return ("conv2d", 0, 0)  # documented: fp16/bf16 Winograd loses too many digits; use F.conv2d
         if not self.native and self.building:
             # no calibration either: measured next to a compiler it would be wrong, and kept on disk
             return ("conv2d", 0, 0)
