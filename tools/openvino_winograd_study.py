@@ -1,19 +1,20 @@
 """Can Winograd F(2,3) inside an OpenVINO bf16 graph beat OpenVINO's own bf16 convolution? Per layer and per step.
 
-At native precision (bf16 where the CPU has it) OpenVINO already runs SD 1.5's UNet and VAE at 85-91% of this
+At native precision (bf16 where the CPU has it) OpenVINO already runs SD 1.5's UNet and VAE at 75-91% of this
 machine's bf16 peak, level with optimum-intel, so only fewer multiplies could put a recipe ahead. F(2,3) is the
 one Winograd tile that keeps bf16's accuracy (its transforms hold only 0, +-1 and 1/2), and it needs 2.25x fewer
 products. OpenVINO has no Winograd convolution of its own, so this writes F(2,3) as ordinary graph operations (pad,
 strided slices, the separable input transform as adds, one batched MatMul against the transformed filters, the
 separable output transform, an interleave) and converts it the way SDAccel's OpenVINO engine converts a model
-(trace, static shapes, the precision OpenVINO picks). Two measurements, side by side after a warm-up:
-- per layer, for SD 1.5's 3x3 shapes at 512x512: `F.conv2d` against F(2,3), each one's max error against a
-  float64 convolution;
+(trace, static shapes, the precision OpenVINO picks). Two measurements in one process after a warm-up:
+- per layer, for a selection of SD 1.5's 3x3 shapes at 512x512 (one variant timed after the other): `F.conv2d`
+  against F(2,3), each one's max error against a float64 convolution;
 - per UNet step (`--unet-step`): SD 1.5's whole UNet (random weights, CFG batch 2) traced as is and traced with
   its 3x3 convolutions of at least `--min-channels` channels in and out as F(2,3), the two compiled models called
   in turn, each one's max error against the eager fp32 UNet.
 
-    .venv/bin/python tools/openvino_winograd_study.py --unet-step --json results/openvino-winograd-study-sd15-512.json
+    .venv/bin/python tools/openvino_winograd_study.py --unet-step --step-repeats 12 \
+        --json results/openvino-winograd-study-sd15-512.json
 """
 
 from __future__ import annotations
