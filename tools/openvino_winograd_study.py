@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdaccel.cpukernels.winograd import conv_padding, filter_transform, is_eligible
 from sdaccel.optim.bench.timing import median_seconds
 
 SHAPES = [  # (where, N, C, K, H=W): SD 1.5 at 512x512; the UNet's CFG batch of 2, the VAE decoder's batch of 1
@@ -37,15 +39,10 @@ SHAPES = [  # (where, N, C, K, H=W): SD 1.5 at 512x512; the UNet's CFG batch of 
     ("vae", 1, 128, 128, 512),
 ]
 
-# F(2,3): Y = A^T [(G g G^T) * (B^T d B)] A over 4x4 input tiles overlapping by 2
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
 def transform_filters(weight: torch.Tensor) -> torch.Tensor:
-    """[K, C, 3, 3] -> the 16 filter matrices [16, C, K] (computed in float64, returned in the weight's dtype)."""
-    g = torch.tensor(_G, dtype=torch.float64)
-    k, c = weight.shape[:2]
-    return torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g).reshape(16, c, k).to(weight.dtype)
+    """[K, C, 3, 3] -> the 16 F(2,3) filter matrices [16, C, K]: the kernels' own `filter_transform`, in float64,
+    laid out for `tiles @ filters`."""
+    return filter_transform(weight.detach().double(), 2).transpose(1, 2).contiguous().to(weight.dtype)
 
 
 def _input_transform(d: list) -> list:
@@ -98,17 +95,21 @@ class _Direct(torch.nn.Module):
         return F.conv2d(x, self.weight, self.bias, padding=1)
 
 
-def _compiled(module: torch.nn.Module, x: torch.Tensor):
+def _compiled(module: torch.nn.Module, inputs: tuple):
     """The way SDAccel's OpenVINO engine builds a model: trace, convert with static shapes, default precision."""
     from sdaccel.optim.units.compile.telemetry import import_openvino, no_telemetry
 
     ov = import_openvino()
     with no_telemetry(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(module, (x,), check_trace=False)
-        converted = ov.convert_model(traced, example_input=(x,), input=[ov.PartialShape(list(x.shape))])
-        compiled = ov.Core().compile_model(converted, "CPU", {})
-    return compiled, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        traced = torch.jit.trace(module, inputs, check_trace=False, strict=False)
+        converted = ov.convert_model(traced, example_input=inputs,
+                                     input=[ov.PartialShape(list(t.shape)) for t in inputs])
+        return ov.Core().compile_model(converted, "CPU", {})
+
+
+def _precision(compiled) -> str:
+    return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
 
 def layer_row(where: str, shape: tuple, repeats: int) -> dict:
@@ -122,17 +123,18 @@ def layer_row(where: str, shape: tuple, repeats: int) -> dict:
     row = {"layer": f"{where} {side}x{side}", "shape": [n, c, k, side, side]}
     variants = (("openvino direct", _Direct(weight, bias)), ("openvino F(2,3)", _GraphWinograd(weight, bias)))
     for name, module in variants:
-        compiled, precision = _compiled(module, x)
+        compiled = _compiled(module, (x,))
         out = torch.from_numpy(compiled(arrays)[0]).double()
         row[name] = {"ms": median_seconds(lambda: compiled(arrays), repeats) * 1e3,
-                     "max_rel_error": float((out - ref).abs().max() / ref.abs().max()), "precision": precision}
+                     "max_rel_error": float((out - ref).abs().max() / ref.abs().max()),
+                     "precision": _precision(compiled)}
     row["f23_speedup"] = row["openvino direct"]["ms"] / row["openvino F(2,3)"]["ms"]
     return row
 
 
 def _wide_convolutions(unet: torch.nn.Module, min_channels: int) -> list:
-    return [m for m in unet.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)
-            and m.stride == (1, 1) and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+    """Plain convolutions the project's Winograd could take, padding 1 (what `winograd_f23` computes), wide enough."""
+    return [m for m in unet.modules() if type(m) is torch.nn.Conv2d and is_eligible(m) and conv_padding(m) == 1
             and min(m.in_channels, m.out_channels) >= min_channels]
 
 
@@ -147,12 +149,8 @@ class _UnetCall(torch.nn.Module):
 
 def unet_step(size: int, min_channels: int, repeats: int) -> dict:
     """SD 1.5's UNet step in OpenVINO as is and with its wide 3x3 convolutions as F(2,3), called in turn."""
-    import numpy as np
-
     from sdaccel.optim.testing.random_weights import build_pipeline
-    from sdaccel.optim.units.compile.telemetry import import_openvino, no_telemetry
 
-    ov = import_openvino()
     unet = build_pipeline("sd15").unet.eval()
     gen = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, size // 8, size // 8, generator=gen), torch.tensor([500.0, 500.0]),
@@ -165,20 +163,14 @@ def unet_step(size: int, min_channels: int, repeats: int) -> dict:
         for conv in convs:  # the trace records F(2,3) for these; the instance forwards go again right after
             conv.forward = lambda x, conv=conv, f=transform_filters(conv.weight): winograd_f23(x, f, conv.bias)
         try:
-            with no_telemetry(), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.trace(_UnetCall(unet), inputs, check_trace=False, strict=False)
+            models[name] = _compiled(_UnetCall(unet), inputs)
         finally:
             for conv in convs:
                 del conv.forward
-        shapes = [ov.PartialShape(list(t.shape)) for t in inputs]
-        converted = ov.convert_model(traced, example_input=inputs, input=shapes)
-        del traced
-        models[name] = ov.Core().compile_model(converted, "CPU", {})
         out = torch.from_numpy(models[name](arrays)[0]).double()
         row[name] = {"convolutions_as_f23": len(convs),
                      "max_rel_error_vs_fp32": float((out - reference).abs().max() / reference.abs().max()),
-                     "precision": str(models[name].get_property("INFERENCE_PRECISION_HINT"))}
+                     "precision": _precision(models[name])}
     times = {name: [] for name in models}
     for _ in range(repeats):  # in turn, so drift on a shared machine hits both alike
         for name, model in models.items():
@@ -186,7 +178,7 @@ def unet_step(size: int, min_channels: int, repeats: int) -> dict:
             model(arrays)
             times[name].append(time.perf_counter() - start)
     for name, ts in times.items():
-        row[name].update(median_s=float(np.median(ts)), min_s=min(ts), max_s=max(ts))
+        row[name].update(median_s=statistics.median(ts), min_s=min(ts), max_s=max(ts))
     row["f23_speedup"] = row["direct"]["median_s"] / row["F(2,3)"]["median_s"]
     return row
 
